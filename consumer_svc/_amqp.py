@@ -1,0 +1,485 @@
+"""The AMQP connection: pika's `TwistedProtocolConnection` under a `ReconnectingClientFactory`.
+
+This is the one module that touches pika's Twisted adapter (importing it
+installs the default reactor, so only `makeService` imports this module). It
+adds what the adapter lacks: a handshake timeout, a teardown that cannot hang
+on a peer that stopped reading, and the real cause of every lost connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pika
+from pika import exceptions as pika_errors
+from pika import spec
+from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
+from twisted.internet import error as net_errors
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTime
+from twisted.internet.protocol import ReconnectingClientFactory
+from twisted.python.failure import Failure
+
+from ._backoff import Backoff
+from ._settings import BrokerURL
+
+#: Seconds an orderly TCP close may take before the socket is aborted.
+TEARDOWN_GRACE = 5.0
+
+
+class HandshakeTimeout(Exception):
+    """The broker accepted TCP but did not finish the AMQP handshake in time."""
+
+
+class Lost(enum.Enum):
+    """Why a connection ended (or never began)."""
+
+    CONNECT_FAILED = "could not connect"
+    HANDSHAKE_TIMEOUT = "AMQP handshake timed out"
+    ACCESS_REFUSED = "access refused"
+    VHOST_REFUSED = "virtual host refused"
+    CLOSED_BY_BROKER = "closed by the broker"
+    HEARTBEAT_TIMEOUT = "heartbeat timeout"
+    CONNECTION_LOST = "connection lost"
+    TLS_FAILED = "TLS failed"
+    CLOSED_BY_US = "closed by us"
+
+
+#: Causes that retrying cannot fix.
+FATAL = frozenset({Lost.ACCESS_REFUSED, Lost.VHOST_REFUSED})
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a connection ended, in words an operator can act on."""
+
+    kind: Lost
+    detail: str
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind in FATAL
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.detail}" if self.detail else self.kind.value
+
+
+def _describe(value: BaseException) -> str:
+    text = str(value).strip()
+    return f"{type(value).__name__}: {text}" if text else type(value).__name__
+
+
+def classify(
+    *, opened: bool, first_error: BaseException | None, reason: BaseException | None, url: BrokerURL
+) -> Cause:
+    """Name the cause of a lost connection from what pika and Twisted saw.
+
+    ``first_error`` is the first error pika meant to terminate the stream
+    with (it holds the broker's Connection.Close reply code and text, which
+    pika's adapter later overwrites); ``reason`` is Twisted's connectionLost
+    reason.
+    """
+    if isinstance(first_error, pika_errors.ConnectionClosedByBroker):
+        code, text = first_error.reply_code, first_error.reply_text
+        if code == 403:
+            return Cause(
+                Lost.ACCESS_REFUSED,
+                f"{text} (user {url.username!r}, vhost {url.vhost!r}, {url.host}:{url.port})",
+            )
+        if code == 530:
+            return Cause(Lost.VHOST_REFUSED, f"{text} (user {url.username!r}, vhost {url.vhost!r})")
+        return Cause(Lost.CLOSED_BY_BROKER, f"{code} {text}")
+    if isinstance(first_error, pika_errors.AMQPHeartbeatTimeout):
+        return Cause(
+            Lost.HEARTBEAT_TIMEOUT, "no frame from the broker in time: " + str(first_error)
+        )
+    if isinstance(first_error, HandshakeTimeout):
+        return Cause(Lost.HANDSHAKE_TIMEOUT, str(first_error))
+    if isinstance(first_error, pika_errors.ConnectionClosedByClient):
+        return Cause(Lost.CLOSED_BY_US, "")
+    if reason is not None and not isinstance(reason, net_errors.ConnectionDone):
+        if type(reason).__module__.startswith("OpenSSL"):
+            return Cause(Lost.TLS_FAILED, _describe(reason))
+        return Cause(Lost.CONNECTION_LOST, _describe(reason))
+    if not opened:
+        return Cause(Lost.CONNECTION_LOST, "the broker closed the connection during the handshake")
+    return Cause(Lost.CONNECTION_LOST, "the broker closed the TCP connection")
+
+
+def connect_failure(reason: Failure) -> Cause:
+    """The cause of a TCP connect that failed."""
+    value = reason.value
+    if isinstance(value, net_errors.ConnectionRefusedError):
+        return Cause(Lost.CONNECT_FAILED, "connection refused")
+    if isinstance(value, net_errors.TimeoutError):
+        return Cause(Lost.CONNECT_FAILED, "TCP connect timed out")
+    if isinstance(value, net_errors.DNSLookupError):
+        return Cause(Lost.CONNECT_FAILED, "host name not found")
+    return Cause(Lost.CONNECT_FAILED, reason.getErrorMessage())
+
+
+def connection_parameters(
+    url: BrokerURL, *, heartbeat: int, name: str
+) -> pika.ConnectionParameters:
+    """pika's parameters; host, port and TLS are Twisted's business, not pika's."""
+    return pika.ConnectionParameters(
+        virtual_host=url.vhost,
+        credentials=pika.PlainCredentials(url.username, url.password),
+        heartbeat=heartbeat,
+        client_properties={
+            "connection_name": f"{name} on {socket.gethostname()} pid {os.getpid()}",
+            "product": "consumer_svc",
+        },
+    )
+
+
+class ConnectionListener(Protocol):
+    """What the connection tells its owner."""
+
+    def amqp_connecting(self) -> None:
+        """A connection attempt (TCP, then AMQP) starts."""
+
+    def amqp_ready(self, connection: AMQPConnection) -> None:
+        """The AMQP handshake finished: channels may be opened."""
+
+    def amqp_lost(self, connection: AMQPConnection | None, cause: Cause) -> None:
+        """The connection ended, or (with ``None``) a TCP connect failed."""
+
+    def amqp_retrying(self, delay: float, attempt: int) -> None:
+        """A reconnect is scheduled in ``delay`` seconds."""
+
+    def amqp_blocked(self, blocked: bool, reason: str) -> None:
+        """The broker blocked (resource alarm) or unblocked the connection."""
+
+
+class AMQPConnection(TwistedProtocolConnection):
+    """pika's protocol, with a handshake timeout, a bounded teardown and a named cause."""
+
+    def __init__(
+        self,
+        parameters: pika.ConnectionParameters,
+        *,
+        listener: ConnectionListener,
+        clock: IReactorTime,
+        url: BrokerURL,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(parameters, custom_reactor=clock)
+        self._listener = listener
+        self._clock = clock
+        self._url = url
+        self._handshake_timeout = handshake_timeout
+        self._timer: IDelayedCall | None = None
+        self._first_error: BaseException | None = None
+        self._waiting_for_loss: list[Deferred[None]] = []
+        self.opened = False
+        self.lost = False
+        assert self.ready is not None
+        self.ready.addErrback(self._handshake_failed)
+        impl: Any = self._impl
+        terminate = impl._terminate_stream
+
+        def terminate_stream(error: BaseException | None) -> None:
+            # pika's adapter replaces this error with ConnectionDone later on;
+            # keep the first one: it holds the broker's reply code and text.
+            if error is not None and self._first_error is None:
+                self._first_error = error
+            terminate(error)
+
+        impl._terminate_stream = terminate_stream
+        impl._adapter_disconnect_stream = self._disconnect_stream
+        impl.add_on_connection_blocked_callback(self._on_blocked)
+        impl.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    # -- lifecycle
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
+
+    def connectionReady(self) -> AMQPConnection:
+        self._cancel_timer()
+        self.opened = True
+        self._listener.amqp_ready(self)
+        return self
+
+    def _handshake_failed(self, failure: Failure) -> None:
+        # Before the handshake finished, the cause is reported by
+        # connectionLost; after it, this is an error in amqp_ready itself.
+        if self.opened:
+            failure.raiseException()
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        self._first_error = HandshakeTimeout(
+            f"no AMQP handshake within {self._handshake_timeout:g}s from {self._url.host}:{self._url.port}"
+        )
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _disconnect_stream(self) -> None:
+        """pika wants the TCP connection closed: close it, abort it if it does not close."""
+        if self.transport is None or self.lost:
+            return
+        if isinstance(self._first_error, pika_errors.AMQPHeartbeatTimeout):
+            # The peer is presumed dead: waiting for our buffer to drain would
+            # wait forever if it stopped reading.
+            self.transport.abortConnection()
+            return
+        self.transport.loseConnection()
+        self._cancel_timer()
+        self._timer = self._clock.callLater(TEARDOWN_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self.lost:
+            self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason: Failure = net_errors.ConnectionDone) -> None:  # type: ignore[assignment]
+        self._cancel_timer()
+        self.lost = True
+        try:
+            super().connectionLost(reason)
+        finally:
+            value = reason.value if isinstance(reason, Failure) else None
+            cause = classify(
+                opened=self.opened, first_error=self._first_error, reason=value, url=self._url
+            )
+            waiting, self._waiting_for_loss = self._waiting_for_loss, []
+            self._listener.amqp_lost(self, cause)
+            for d in waiting:
+                d.callback(None)
+
+    def shutdown(self, timeout: float) -> Deferred[None]:
+        """Close with a proper AMQP Connection.Close; abort if it takes over ``timeout`` s.
+
+        Fires once the TCP connection is gone.
+        """
+        if self.lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting_for_loss.append(d)
+        impl: Any = self._impl
+        if self._first_error is None:
+            self._first_error = pika_errors.ConnectionClosedByClient(200, "consumer_svc stopping")
+        if self.opened and not (impl.is_closing or impl.is_closed):
+            impl.close(200, "consumer_svc stopping")
+            self._cancel_timer()
+            self._timer = self._clock.callLater(timeout, self._abort)
+        else:
+            self._abort()
+        return d
+
+    # -- broker flow control
+
+    def _on_blocked(self, _connection: object, frame: Any) -> None:
+        self._listener.amqp_blocked(True, str(frame.method.reason))
+
+    def _on_unblocked(self, _connection: object, _frame: object) -> None:
+        self._listener.amqp_blocked(False, "")
+
+    # -- channels
+
+    def open_channel(self) -> Deferred[Channel]:
+        """A new channel, wrapped."""
+        d: Deferred[Any] = self.channel()
+        return d.addCallback(Channel)
+
+
+class AMQPFactory(ReconnectingClientFactory):
+    """Builds `AMQPConnection`s and reconnects with our `Backoff` after any loss.
+
+    `succeeded` resets the backoff; the owner calls it only once the consumer
+    is registered, never on a bare TCP connect, so a broker that keeps
+    refusing us is retried ever more slowly.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        parameters: pika.ConnectionParameters,
+        *,
+        listener: ConnectionListener,
+        clock: IReactorTime,
+        backoff: Backoff,
+        random: Callable[[], float],
+        handshake_timeout: float,
+    ) -> None:
+        self.url = url
+        self.parameters = parameters
+        self.listener = listener
+        self.clock = clock  # type: ignore[assignment]  # ReconnectingClientFactory's own attribute
+        self._clock = clock
+        self.backoff = backoff
+        self.random = random
+        self.handshake_timeout = handshake_timeout
+        self.initialDelay = self.delay = backoff.initial
+        self.maxDelay = backoff.maximum  # type: ignore[assignment]
+
+    def buildProtocol(self, addr: IAddress | None) -> AMQPConnection:
+        connection = AMQPConnection(
+            self.parameters,
+            listener=self.listener,
+            clock=self._clock,
+            url=self.url,
+            handshake_timeout=self.handshake_timeout,
+        )
+        connection.factory = self
+        return connection
+
+    def startedConnecting(self, connector: IConnector) -> None:
+        self.listener.amqp_connecting()
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.listener.amqp_lost(None, connect_failure(reason))
+        super().clientConnectionFailed(connector, reason)
+
+    def retry(self, connector: IConnector | None = None) -> None:
+        if not self.continueTrying:
+            return
+        connector = connector or self.connector
+        if connector is None:
+            raise ValueError("no connector to retry")
+        self.retries += 1
+        self.delay = self.backoff.delay(self.retries, self.random)
+        self._callID = self._clock.callLater(self.delay, self._reconnect, connector)
+        self.listener.amqp_retrying(self.delay, self.retries)
+
+    def _reconnect(self, connector: IConnector) -> None:
+        self._callID = None
+        connector.connect()
+
+    def succeeded(self) -> None:
+        """The consumer is registered: the next failure starts the backoff afresh."""
+        self.retries = 0
+        self.delay = self.backoff.initial
+
+    def pending_retry(self) -> bool:
+        return self._callID is not None
+
+
+class Channel:
+    """The few channel operations the consumer needs, with pika's quirks contained.
+
+    Declarations go through pika's `TwistedChannel` (its RPC Deferreds fail
+    when the channel closes); consuming uses the plain pika channel so that a
+    delivery costs a function call, not a Deferred.
+    """
+
+    def __init__(self, channel: TwistedChannel) -> None:
+        self._twisted: Any = channel
+        self._pika: Any = channel._channel
+        self._pending: set[Deferred[Any]] = set()
+        self.closed: Deferred[BaseException] = Deferred()
+        self.close_reason: BaseException | None = None
+        self.on_cancelled: Callable[[], None] | None = None
+        channel.on_closed.addCallback(self._on_closed)
+        self._pika.add_on_cancel_callback(self._on_cancel)
+
+    @property
+    def number(self) -> int:
+        return int(self._pika.channel_number)
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._pika.is_open)
+
+    def _on_closed(self, reason: BaseException) -> None:
+        self.close_reason = reason
+        pending, self._pending = self._pending, set()
+        for d in pending:
+            d.errback(reason)
+        self.closed.callback(reason)
+
+    def _on_cancel(self, _frame: object) -> None:
+        if self.on_cancelled is not None:
+            self.on_cancelled()
+
+    def _rpc(self, start: Callable[[Callable[[Any], None]], None]) -> Deferred[Any]:
+        if not self.is_open:
+            return fail(
+                self.close_reason or pika_errors.ChannelWrongStateError("channel is closed")
+            )
+        d: Deferred[Any] = Deferred()
+        self._pending.add(d)
+
+        def done(result: Any) -> None:
+            if d in self._pending:
+                self._pending.discard(d)
+                d.callback(result)
+
+        try:
+            start(done)
+        except Exception:
+            self._pending.discard(d)
+            return fail()
+        return d
+
+    def declare_queue(
+        self, queue: str, *, passive: bool, arguments: Mapping[str, Any]
+    ) -> Deferred[Any]:
+        d: Deferred[Any] = self._twisted.queue_declare(
+            queue=queue, passive=passive, durable=True, arguments=dict(arguments) or None
+        )
+        return d
+
+    def declare_exchange(self, exchange: str, exchange_type: str) -> Deferred[Any]:
+        d: Deferred[Any] = self._twisted.exchange_declare(
+            exchange=exchange, exchange_type=exchange_type, durable=True
+        )
+        return d
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> Deferred[Any]:
+        d: Deferred[Any] = self._twisted.queue_bind(
+            queue=queue, exchange=exchange, routing_key=routing_key
+        )
+        return d
+
+    def qos(self, prefetch: int) -> Deferred[Any]:
+        # Per consumer, never global: RabbitMQ 4.3 rejects global QoS.
+        d: Deferred[Any] = self._twisted.basic_qos(prefetch_count=prefetch, global_qos=False)
+        return d
+
+    def consume(
+        self, queue: str, on_message: Callable[[Channel, Any, spec.BasicProperties, bytes], None]
+    ) -> Deferred[str]:
+        """Start consuming; fires with the consumer tag once the broker confirmed it."""
+
+        def deliver(_channel: object, method: Any, properties: Any, body: bytes) -> None:
+            on_message(self, method, properties, body)
+
+        return self._rpc(
+            lambda done: self._pika.basic_consume(
+                queue,
+                deliver,
+                auto_ack=False,
+                callback=lambda frame: done(frame.method.consumer_tag),
+            )
+        )
+
+    def cancel(self, consumer_tag: str) -> Deferred[Any]:
+        return self._rpc(lambda done: self._pika.basic_cancel(consumer_tag, callback=done))
+
+    def ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self._pika.basic_ack(delivery_tag, multiple)
+
+    def nack(self, delivery_tag: int, requeue: bool = True) -> None:
+        self._pika.basic_nack(delivery_tag, False, requeue)
+
+    def reject(self, delivery_tag: int, requeue: bool = False) -> None:
+        self._pika.basic_reject(delivery_tag, requeue)
+
+    def close(self) -> None:
+        if self.is_open:
+            self._pika.close()

@@ -1,0 +1,302 @@
+"""The consumer service: connection, recovery, shutdown and fatal exits, as one IService."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import enum
+import functools
+import os
+import random
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import error as net_errors
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ._amqp import AMQPConnection, AMQPFactory, Cause, connection_parameters
+from ._backoff import Backoff
+from ._consumer import Consumer, SetupFailed
+from ._errors import AccessRefused, ExitStatus, FatalError
+from ._handler import Handler, Invoker
+from ._log import bridge_pika_logging
+from ._settings import Settings
+
+log = Logger(namespace="consumer_svc")
+
+#: Seconds the AMQP close handshake may take at shutdown before the socket is aborted.
+CLOSE_TIMEOUT = 5.0
+
+
+class State(enum.Enum):
+    """Where the service is; see README.md "What the log says"."""
+
+    STOPPED = "stopped"
+    CONNECTING = "connecting"
+    SETTING_UP = "setting up"
+    CONSUMING = "consuming"
+    WAITING = "waiting to reconnect"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class _DaemonThreadPool(ThreadPool):
+    """Threads for `blocking` handlers; daemonic, so one stuck past the shutdown deadline cannot keep the process alive."""
+
+    threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+
+
+def exit_process(status: ExitStatus, reactor: Any) -> None:
+    """Stop the reactor (a clean shutdown runs), then end the process with ``status``.
+
+    twistd has no way to choose its exit status, so the status is applied by
+    an atexit hook that runs after twistd has removed its pidfile.
+    """
+
+    def hard_exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(status))
+
+    atexit.register(hard_exit)
+    reactor.callWhenRunning(reactor.stop)
+
+
+class ConsumerService(Service):
+    """Consumes ``settings.queue`` with ``handler`` until stopped, reconnecting as needed."""
+
+    name = "consumer"
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        *,
+        reactor: Any = None,
+        random: Callable[[], float] = random.random,
+        exit: Callable[[ExitStatus], None] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.settings = settings
+        self.handler = handler
+        self.state = State.STOPPED
+        self.exit_status: ExitStatus | None = None
+        self._reactor = reactor
+        self._random = random
+        self._exit = exit or functools.partial(exit_process, reactor=reactor)
+        self._connection: AMQPConnection | None = None
+        self._connector: Any = None
+        self.threadpool = _DaemonThreadPool(0, settings.threads, "consumer_svc-blocking")
+        self.invoker = Invoker(handler, reactor, self.threadpool)
+        self.consumer = Consumer(settings, self.invoker, reactor, self._subscription_lost)
+        self.factory = AMQPFactory(
+            settings.url,
+            connection_parameters(
+                settings.url, heartbeat=settings.heartbeat, name=f"consumer_svc {settings.queue}"
+            ),
+            listener=self,
+            clock=reactor,
+            backoff=Backoff(settings.reconnect_initial, settings.reconnect_max),
+            random=random,
+            handshake_timeout=settings.connect_timeout,
+        )
+
+    # -- starting
+
+    def startService(self) -> None:
+        super().startService()
+        bridge_pika_logging()
+        s = self.settings
+        log.info(
+            "Starting: queue {queue!r} on {url}, handler {handler}{kind}, prefetch {prefetch}",
+            queue=s.queue,
+            url=str(s.url),
+            handler=self.invoker.name,
+            kind=" (blocking, in threads)" if self.invoker.blocking else "",
+            prefetch=s.prefetch,
+        )
+        self.threadpool.start()
+        self._connect()
+
+    def _connect(self) -> None:
+        url = self.settings.url
+        if url.tls:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            self._connector = self._reactor.connectSSL(
+                url.host,
+                url.port,
+                self.factory,
+                optionsForClientTLS(url.host),
+                timeout=self.settings.connect_timeout,
+            )
+        else:
+            self._connector = self._reactor.connectTCP(
+                url.host, url.port, self.factory, timeout=self.settings.connect_timeout
+            )
+
+    # -- what the connection tells us (ConnectionListener)
+
+    def amqp_connecting(self) -> None:
+        if self.state in (State.STOPPING, State.FAILED):
+            return
+        self.state = State.CONNECTING
+        url = self.settings.url
+        log.info(
+            "Connecting to {host}:{port} (vhost {vhost!r})",
+            host=url.host,
+            port=url.port,
+            vhost=url.vhost,
+        )
+
+    def amqp_ready(self, connection: AMQPConnection) -> None:
+        self._connection = connection
+        if self.state in (State.STOPPING, State.FAILED):
+            connection.shutdown(CLOSE_TIMEOUT)
+            return
+        self.state = State.SETTING_UP
+        log.info(
+            "Connected to {url} (heartbeat {heartbeat}s)",
+            url=str(self.settings.url),
+            heartbeat=self.settings.heartbeat,
+        )
+        d: Deferred[Any] = self.consumer.attach(connection)
+        d.addCallbacks(self._consuming, self._setup_failed, errbackArgs=(connection,))
+
+    def _consuming(self, _: object) -> None:
+        if self.state is not State.SETTING_UP:
+            return
+        self.state = State.CONSUMING
+        self.factory.succeeded()
+        log.info(
+            "Consuming queue {queue!r} (prefetch {prefetch})",
+            queue=self.settings.queue,
+            prefetch=self.settings.prefetch,
+        )
+
+    def _setup_failed(self, failure: Failure, connection: AMQPConnection) -> None:
+        if self.state in (State.STOPPING, State.FAILED) or connection.lost:
+            return  # amqp_lost tells the story
+        if failure.check(FatalError):
+            self._fatal(failure.value)  # type: ignore[arg-type]
+            return
+        if failure.check(SetupFailed):
+            log.warn(
+                "Setting up the consumer failed: {reason}; reconnecting",
+                reason=failure.getErrorMessage(),
+            )
+        else:
+            log.failure("Setting up the consumer failed; reconnecting", failure)
+        connection.shutdown(CLOSE_TIMEOUT)
+
+    def _subscription_lost(self, reason: str) -> None:
+        """The channel closed or the broker cancelled us while connected: start afresh."""
+        if self.state is not State.CONSUMING:
+            return
+        self.state = State.WAITING
+        log.warn(
+            "Lost the consumer of queue {queue!r}: {reason}; reconnecting",
+            queue=self.settings.queue,
+            reason=reason,
+        )
+        if self._connection is not None:
+            self._connection.shutdown(CLOSE_TIMEOUT)
+
+    def amqp_lost(self, connection: AMQPConnection | None, cause: Cause) -> None:
+        if connection is not None and connection is self._connection:
+            self._connection = None
+        self.consumer.detach()
+        if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
+            log.debug("Connection closed: {cause}", cause=str(cause))
+            return
+        if cause.fatal:
+            self._fatal(AccessRefused(str(cause)))
+            return
+        was = self.state
+        self.state = State.WAITING
+        log.warn(
+            "{what} {host}:{port}: {cause}",
+            what="Lost the connection to"
+            if connection is not None and connection.opened
+            else "Could not connect to",
+            host=self.settings.url.host,
+            port=self.settings.url.port,
+            cause=str(cause),
+            lost=cause.kind.name,
+            previous_state=was.value,
+        )
+
+    def amqp_retrying(self, delay: float, attempt: int) -> None:
+        log.info("Reconnecting in {delay:.1f}s (attempt {attempt})", delay=delay, attempt=attempt)
+
+    def amqp_blocked(self, blocked: bool, reason: str) -> None:
+        if blocked:
+            log.warn("The broker blocked the connection: {reason}", reason=reason)
+        else:
+            log.info("The broker unblocked the connection")
+
+    # -- giving up
+
+    def _fatal(self, error: FatalError) -> None:
+        if self.state is State.FAILED:
+            return
+        self.state = State.FAILED
+        self.exit_status = error.status
+        log.critical(
+            "Giving up, retrying cannot fix this: {reason} (exit status {status})",
+            reason=str(error),
+            status=int(error.status),
+        )
+        self.factory.stopTrying()
+        if self._connection is not None:
+            self._connection.shutdown(CLOSE_TIMEOUT)
+        self._exit(error.status)
+
+    # -- stopping
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self.state is not State.FAILED:
+            self.state = State.STOPPING
+        self.factory.stopTrying()
+        if self._connection is None and self._connector is not None:
+            with contextlib.suppress(net_errors.NotConnectingError):
+                self._connector.stopConnecting()
+        inflight = len(self.consumer.inflight)
+        log.info(
+            "Stopping: {count} message(s) in flight, waiting up to {timeout:g}s for them",
+            count=inflight,
+            timeout=self.settings.shutdown_timeout,
+        )
+        d = self.consumer.drain(self.settings.shutdown_timeout)
+        d.addCallback(lambda _: self._close())
+        d.addCallback(self._stopped)
+        return d
+
+    def _close(self) -> Deferred[None]:
+        connection = self._connection
+        if connection is None:
+            return succeed(None)
+        log.info("Closing the AMQP connection")
+        return connection.shutdown(CLOSE_TIMEOUT)
+
+    def _stopped(self, _: object) -> None:
+        if self.consumer.abandoned and self.invoker.blocking:
+            log.warn(
+                "{count} blocking handler thread(s) still running past the deadline; abandoned",
+                count=self.consumer.abandoned,
+            )
+        else:
+            self.threadpool.stop()
+        if self.state is not State.FAILED:
+            self.state = State.STOPPED
+        log.info("Stopped")

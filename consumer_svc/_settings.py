@@ -1,0 +1,351 @@
+"""Settings: one frozen object merged from the command line, the environment
+and the config file, validated before anything connects."""
+
+from __future__ import annotations
+
+import configparser
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote, unquote, urlsplit
+
+from ._errors import ConfigurationError
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+CONFIG_SECTION = "consumer"
+EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    """A parsed ``amqp://`` or ``amqps://`` URL; its `str` never shows the password."""
+
+    scheme: str
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: str = field(repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "amqps"
+
+    def __str__(self) -> str:
+        auth = f"{quote(self.username, safe='')}:***@" if self.password else ""
+        if not self.password and self.username:
+            auth = f"{quote(self.username, safe='')}@"
+        return f"{self.scheme}://{auth}{self.host}:{self.port}/{quote(self.vhost, safe='')}"
+
+
+def parse_url(url: str) -> BrokerURL:
+    """Parse a broker URL; the error message never repeats the password."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+        host = parts.hostname
+    except ValueError as e:
+        raise ConfigurationError(f"--url is not a valid AMQP URL ({e}): {redact(url)}") from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(f"--url must start with amqp:// or amqps://, got {redact(url)!r}")
+    if not host:
+        raise ConfigurationError(f"--url has no host: {redact(url)!r}")
+    # RFC 3986 AMQP URIs: an empty path means the default vhost "/", and a
+    # literal "/" in the vhost name is written %2F.
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = unquote(path) if path else "/"
+    return BrokerURL(
+        scheme=parts.scheme,
+        host=host,
+        port=port or (5671 if parts.scheme == "amqps" else 5672),
+        vhost=vhost,
+        username=unquote(parts.username) if parts.username is not None else "guest",
+        password=unquote(parts.password) if parts.password is not None else "guest",
+    )
+
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?P<at>@)", re.I)
+
+
+def redact(text: str) -> str:
+    """Replace the password of every URL in ``text`` with ``***``."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<at>", text)
+
+
+# -- conversions: each takes the raw string and the option name, and raises
+# ConfigurationError with a sentence a person understands.
+
+
+def _integer(low: int, high: int) -> Callable[[str, str], int]:
+    def convert(raw: str, name: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise ConfigurationError(
+                f"--{name} must be a whole number from {low} to {high}, got {raw!r}"
+            )
+        return value
+
+    return convert
+
+
+def _seconds(low: float, high: float) -> Callable[[str, str], float]:
+    def convert(raw: str, name: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # also rejects nan and inf
+            raise ConfigurationError(
+                f"--{name} must be a number of seconds from {low:g} to {high:g}, got {raw!r}"
+            )
+        return value
+
+    return convert
+
+
+def _text(raw: str, name: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigurationError(f"--{name} must not be empty")
+    return value
+
+
+def _boolean(raw: str, name: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+
+
+def _argument_value(raw: str) -> Any:
+    """Queue arguments are typed by RabbitMQ: numbers must be numbers."""
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(raw)
+    except ValueError:
+        return raw
+
+
+def _queue_arguments(values: list[str], name: str) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"--{name} takes KEY=VALUE, got {item!r}")
+        arguments[key.strip()] = _argument_value(raw.strip())
+    return arguments
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its option name, default, help text and conversion."""
+
+    name: str
+    default: str | None
+    help: str
+    convert: Callable[[Any, str], Any] = _text
+    repeatable: bool = False
+    flag: bool = False
+
+    @property
+    def attribute(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def environment(self) -> str:
+        return "CONSUMER_" + self.attribute.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("url", None, f"Broker URL (default: $AMQP_URL, else {DEFAULT_URL})."),
+    Option("queue", None, "The queue to consume (required)."),
+    Option("handler", None, "The handler, package.module:function (default: log and ack)."),
+    Option(
+        "prefetch",
+        "10",
+        "Messages handled at once (the consumer's QoS prefetch count).",
+        _integer(1, 65535),
+    ),
+    Option(
+        "heartbeat",
+        "30",
+        "AMQP heartbeat timeout in seconds; 0 disables heartbeats.",
+        _integer(0, 65535),
+    ),
+    Option(
+        "shutdown-timeout",
+        "30",
+        "Seconds in-flight handlers get to finish on shutdown.",
+        _seconds(0, 86400),
+    ),
+    Option("threads", "10", "Size of the thread pool for @blocking handlers.", _integer(1, 1000)),
+    Option(
+        "connect-timeout",
+        "15",
+        "Seconds a TCP connect, and then the AMQP handshake, may take.",
+        _seconds(0.1, 3600),
+    ),
+    Option(
+        "reconnect-initial",
+        "1",
+        "Seconds before the first reconnect attempt.",
+        _seconds(0.01, 3600),
+    ),
+    Option(
+        "reconnect-max",
+        "30",
+        "Cap on the seconds between reconnect attempts.",
+        _seconds(0.01, 3600),
+    ),
+    Option(
+        "requeue-delay",
+        "1",
+        "Seconds a failed message is held before it is requeued.",
+        _seconds(0, 3600),
+    ),
+    Option(
+        "queue-arg",
+        None,
+        "A queue argument KEY=VALUE, e.g. x-queue-type=quorum (repeatable).",
+        _queue_arguments,
+        repeatable=True,
+    ),
+    Option("exchange", None, "Declare this exchange and bind the queue to it."),
+    Option("exchange-type", "direct", "The exchange's type: " + ", ".join(EXCHANGE_TYPES) + "."),
+    Option(
+        "routing-key",
+        None,
+        "Bind the queue with this routing key (repeatable).",
+        lambda values, name: tuple(v.strip() for v in values),
+        repeatable=True,
+    ),
+    Option(
+        "no-declare",
+        None,
+        "Only check that the queue exists (passively); declare nothing.",
+        _boolean,
+        flag=True,
+    ),
+)
+BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs to know, validated."""
+
+    url: BrokerURL
+    queue: str
+    handler: str | None = None
+    prefetch: int = 10
+    heartbeat: int = 30
+    shutdown_timeout: float = 30.0
+    threads: int = 10
+    connect_timeout: float = 15.0
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 30.0
+    requeue_delay: float = 1.0
+    queue_arguments: Mapping[str, Any] = field(default_factory=dict)
+    exchange: str | None = None
+    exchange_type: str = "direct"
+    routing_keys: tuple[str, ...] = ()
+    declare: bool = True
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """The ``[consumer]`` section of an INI file, keys normalised to option names."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigurationError(f"cannot read config file {path!r}: {e.strerror}") from None
+    except configparser.Error as e:
+        message = str(e).splitlines()[0]
+        raise ConfigurationError(f"config file {path!r} is not valid INI: {message}") from None
+    if not parser.has_section(CONFIG_SECTION):
+        raise ConfigurationError(f"config file {path!r} has no [{CONFIG_SECTION}] section")
+    values: dict[str, str] = {}
+    for key, value in parser.items(CONFIG_SECTION):
+        name = key.strip().replace("_", "-")
+        if name not in BY_NAME:
+            raise ConfigurationError(
+                f"config file {path!r}: unknown key {key!r} in [{CONFIG_SECTION}]"
+            )
+        values[name] = value
+    return values
+
+
+def _split_list(raw: str) -> list[str]:
+    return [item.strip() for item in re.split(r"[\n,]", raw) if item.strip()]
+
+
+def resolve(
+    command_line: Mapping[str, Any], environ: Mapping[str, str], config_path: str | None
+) -> Settings:
+    """Merge the sources, highest first: command line, environment, config file, defaults.
+
+    ``command_line`` maps option names to the raw strings given (lists for
+    repeatable options, True for flags); absent or None means not given.
+    """
+    path = config_path or environ.get("CONSUMER_CONFIG") or None
+    from_file = read_config_file(path) if path else {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw: Any = command_line.get(option.name)
+        if option.repeatable and not raw:
+            raw = None
+        if raw is None:
+            env = environ.get(option.environment)
+            if env is None and option.name == "url":
+                env = environ.get("AMQP_URL")
+            raw = env if env is not None else from_file.get(option.name)
+            if raw is not None and option.repeatable:
+                raw = _split_list(raw)
+        if raw is None:
+            raw = option.default
+        if raw is None:
+            continue
+        if option.flag and raw is True:
+            values[option.attribute] = True
+            continue
+        values[option.attribute] = option.convert(raw, option.name)
+
+    url = parse_url(values.pop("url", DEFAULT_URL))
+    queue = values.pop("queue", None)
+    if not queue:
+        raise ConfigurationError(
+            "no queue given: use --queue NAME, CONSUMER_QUEUE, or queue = NAME in the config file"
+        )
+    exchange_type = values.pop("exchange_type")
+    if exchange_type not in EXCHANGE_TYPES:
+        raise ConfigurationError(
+            f"--exchange-type must be one of {', '.join(EXCHANGE_TYPES)}, got {exchange_type!r}"
+        )
+    routing_keys = values.pop("routing_key", ())
+    if routing_keys and not values.get("exchange"):
+        raise ConfigurationError("--routing-key needs --exchange NAME to bind the queue to")
+    if values.get("exchange") and not routing_keys and exchange_type in ("direct", "topic"):
+        routing_keys = (queue,)
+    no_declare = values.pop("no_declare", False)
+    if no_declare and (values.get("exchange") or values.get("queue_arg")):
+        raise ConfigurationError("--no-declare cannot be combined with --exchange or --queue-arg")
+    if values["reconnect_max"] < values["reconnect_initial"]:
+        raise ConfigurationError("--reconnect-max must not be below --reconnect-initial")
+    return Settings(
+        url=url,
+        queue=queue,
+        queue_arguments=values.pop("queue_arg", {}),
+        exchange_type=exchange_type,
+        routing_keys=routing_keys,
+        declare=not no_declare,
+        **values,
+    )

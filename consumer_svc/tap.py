@@ -1,0 +1,88 @@
+"""twistd plugin entry: ``Options`` and ``makeService`` for ``twistd consumer``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from ._errors import ExitStatus, FatalError
+from ._handler import Handler, load_handler, log_message
+from ._settings import OPTIONS, Settings, resolve
+
+
+class Options(usage.Options):
+    """``twistd consumer`` options; see README.md for each one."""
+
+    synopsis = "--queue NAME [options]"
+    longdesc = (
+        "Consume a RabbitMQ queue with a handler, acking each message only after the "
+        "handler succeeded. Settings come from the command line, then the environment "
+        "(CONSUMER_<OPTION>, AMQP_URL), then --config FILE's [consumer] section."
+    )
+    optParameters = [
+        ["config", "c", None, "An INI file whose [consumer] section sets options."]
+    ] + [
+        [o.name, None, None, f"{o.help}" + (f" [default: {o.default}]" if o.default else "")]
+        for o in OPTIONS
+        if not o.flag and not o.repeatable
+    ]
+
+    settings: Settings
+    handler: Handler
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+        self._repeated: dict[str, list[str]] = {o.name: [] for o in OPTIONS if o.repeatable}
+        for option in OPTIONS:
+            if option.flag:
+                # usage.Options stores flags as 0; "not given" must stay None
+                # so that the environment and the config file can set them.
+                self[option.name] = None
+
+    def opt_queue_arg(self, value: str) -> None:
+        """A queue argument KEY=VALUE, e.g. x-queue-type=quorum (repeatable)."""
+        self._repeated["queue-arg"].append(value)
+
+    def opt_routing_key(self, value: str) -> None:
+        """Bind the queue with this routing key (repeatable; needs --exchange)."""
+        self._repeated["routing-key"].append(value)
+
+    def opt_no_declare(self) -> None:
+        """Only check that the queue exists (passively); declare nothing."""
+        self["no-declare"] = True
+
+    def postOptions(self) -> None:
+        given: dict[str, Any] = {o.name: self.get(o.name) for o in OPTIONS}
+        given.update(self._repeated)
+        self.settings = resolve(given, self._environ, self["config"])
+        self.handler = load_handler(self.settings.handler) if self.settings.handler else log_message
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, and turn any bad value into one line on stderr and an exit status."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            _exit_with(ExitStatus.CONFIG, str(e))
+        except FatalError as e:
+            _exit_with(e.status, str(e))
+
+
+def _exit_with(status: ExitStatus, message: str) -> None:
+    sys.stderr.write(f"twistd consumer: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(int(status))
+
+
+def makeService(options: Options) -> IService:
+    """Wire the service tree; nothing connects until it is started."""
+    from ._service import ConsumerService
+
+    top = MultiService()
+    ConsumerService(options.settings, options.handler).setServiceParent(top)
+    return top

@@ -1,0 +1,1 @@
+"""Example handlers for consumer_svc (see README.md)."""

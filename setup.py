@@ -1,0 +1,33 @@
+"""Packaging for consumer_svc: the library, its twistd plugin, and extras."""
+
+from setuptools import setup
+
+setup(
+    name="consumer_svc",
+    version="0.1.0",
+    description="A long-running RabbitMQ consumer service for Twisted: twistd consumer --queue NAME",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # "twisted.plugins" has no __init__.py on purpose: the plugin file is
+    # installed into Twisted's own twisted/plugins/ package.
+    packages=["consumer_svc", "twisted.plugins"],
+    package_data={"consumer_svc": ["py.typed"], "twisted": ["plugins/consumer_plugin.py"]},
+    install_requires=[
+        "pika>=1.4.4,<2",
+        # [tls] brings pyOpenSSL, service-identity and idna: amqps:// with
+        # certificate and hostname verification.
+        "twisted[tls]>=24.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3"],
+        "dev": ["ruff>=0.6", "mypy>=1.11"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+        "Typing :: Typed",
+    ],
+)

@@ -1,0 +1,142 @@
+"""`twistd consumer` options: parsing, precedence, and one clear line for each bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumer_svc import ExitStatus
+from consumer_svc.tap import Options
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> Options:
+    options = Options(environ=environ or {})
+    options.parseOptions(argv)
+    return options
+
+
+def refused(
+    capsys: pytest.CaptureFixture[str], argv: list[str], environ: dict[str, str] | None = None
+) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exited:
+        parse(argv, environ)
+    err = capsys.readouterr().err
+    assert isinstance(exited.value.code, int)
+    return exited.value.code, err
+
+
+def test_defaults() -> None:
+    """Only --queue is needed; everything else has a documented default."""
+    s = parse(["--queue", "task_queue"]).settings
+    assert (s.queue, s.prefetch, s.heartbeat, s.shutdown_timeout) == ("task_queue", 10, 30, 30.0)
+    assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == ("localhost", 5672, "/", "guest")
+    assert s.declare and s.handler is None and s.queue_arguments == {}
+
+
+def test_amqp_url_comes_from_the_environment() -> None:
+    """Without --url, $AMQP_URL names the broker."""
+    s = parse(["--queue", "q"], {"AMQP_URL": "amqp://u:p@rabbit.example:5673/jobs"}).settings
+    assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == ("rabbit.example", 5673, "jobs", "u")
+
+
+def test_command_line_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    """Each source overrides the ones below it, key by key."""
+    conf = tmp_path / "tap.conf"
+    conf.write_text("[consumer]\nqueue = from_file\nprefetch = 7\nheartbeat = 11\nthreads = 3\n")
+    s = parse(
+        ["--config", str(conf), "--prefetch", "5"],
+        {"CONSUMER_PREFETCH": "6", "CONSUMER_HEARTBEAT": "12"},
+    ).settings
+    assert (s.queue, s.prefetch, s.heartbeat, s.threads, s.shutdown_timeout) == ("from_file", 5, 12, 3, 30.0)
+
+
+def test_repeatable_options_and_typed_queue_arguments() -> None:
+    """--queue-arg values become the types RabbitMQ expects; --routing-key repeats."""
+    s = parse(
+        [
+            "--queue", "q", "--queue-arg", "x-queue-type=quorum", "--queue-arg", "x-max-length=100",
+            "--exchange", "ex", "--exchange-type", "topic", "--routing-key", "a.*", "--routing-key", "b.#",
+        ]
+    ).settings  # fmt: skip
+    assert s.queue_arguments == {"x-queue-type": "quorum", "x-max-length": 100}
+    assert (s.exchange, s.exchange_type, s.routing_keys) == ("ex", "topic", ("a.*", "b.#"))
+
+
+def test_lists_in_the_config_file(tmp_path: Path) -> None:
+    """In the file, repeatable options take several lines or commas."""
+    conf = tmp_path / "c.conf"
+    conf.write_text("[consumer]\nqueue = q\nexchange = ex\nrouting-key = a,\n  b\nno_declare = false\n")
+    s = parse(["--config", str(conf)]).settings
+    assert s.routing_keys == ("a", "b")
+
+
+def test_no_declare_from_flag_and_environment() -> None:
+    """--no-declare, or CONSUMER_NO_DECLARE=1, only checks the queue exists."""
+    assert parse(["--queue", "q", "--no-declare"]).settings.declare is False
+    assert parse(["--queue", "q"], {"CONSUMER_NO_DECLARE": "1"}).settings.declare is False
+
+
+def test_the_handler_is_imported_when_options_are_parsed() -> None:
+    """--handler module:function resolves to the function itself."""
+    options = parse(["--queue", "q", "--handler", "json:loads"])
+    import json
+
+    assert options.handler is json.loads
+    assert parse(["--queue", "q", "--handler", "json.dumps"]).handler is json.dumps
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "says"),
+    [
+        (["--queue", "q", "--prefetch", "-3"], ExitStatus.CONFIG, "--prefetch must be a whole number from 1 to 65535, got '-3'"),
+        (["--queue", "q", "--prefetch", "ten"], ExitStatus.CONFIG, "--prefetch must be a whole number"),
+        (["--queue", "q", "--heartbeat", "1.5"], ExitStatus.CONFIG, "--heartbeat must be a whole number"),
+        (["--queue", "q", "--shutdown-timeout", "nan"], ExitStatus.CONFIG, "--shutdown-timeout must be a number of seconds"),
+        (["--queue", "q", "--url", "http://h/"], ExitStatus.CONFIG, "--url must start with amqp:// or amqps://"),
+        (["--queue", "q", "--url", "amqp://u:pw@h:notaport/"], ExitStatus.CONFIG, "--url is not a valid AMQP URL"),
+        ([], ExitStatus.CONFIG, "no queue given"),
+        (["--queue", "q", "--config", "/nonexistent/tap.conf"], ExitStatus.CONFIG, "cannot read config file '/nonexistent/tap.conf'"),
+        (["--queue", "q", "--queue-arg", "novalue"], ExitStatus.CONFIG, "--queue-arg takes KEY=VALUE"),
+        (["--queue", "q", "--routing-key", "k"], ExitStatus.CONFIG, "--routing-key needs --exchange"),
+        (["--queue", "q", "--exchange", "e", "--exchange-type", "bogus"], ExitStatus.CONFIG, "--exchange-type must be one of"),
+        (["--queue", "q", "--bogus"], ExitStatus.CONFIG, "option --bogus not recognized"),
+        (["--queue", "q", "--handler", "no_such_module_xyz:handle"], ExitStatus.HANDLER, "cannot import handler module 'no_such_module_xyz'"),
+        (["--queue", "q", "--handler", "json:no_such_function"], ExitStatus.HANDLER, "module 'json' has no attribute 'no_such_function'"),
+        (["--queue", "q", "--handler", "json:__doc__"], ExitStatus.HANDLER, "is a str, not a callable"),
+        (["--queue", "q", "--handler", "justaname"], ExitStatus.HANDLER, "is not of the form package.module:function"),
+    ],
+)  # fmt: skip
+def test_bad_values_give_one_line_and_an_exit_status(
+    capsys: pytest.CaptureFixture[str], argv: list[str], status: ExitStatus, says: str
+) -> None:
+    """Each bad value is named in a single line on stderr, with its documented exit status."""
+    code, err = refused(capsys, argv)
+    assert code == status
+    assert err.count("\n") == 1 and err.startswith("twistd consumer: error: ")
+    assert says in err
+
+
+def test_bad_config_file_keys_and_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """An unknown key, a missing section or a bad value in the file is named with the file."""
+    conf = tmp_path / "tap.conf"
+    conf.write_text("[consumer]\nqueue = q\nprefech = 3\n")
+    assert "unknown key 'prefech'" in refused(capsys, ["--config", str(conf)])[1]
+    conf.write_text("[other]\nqueue = q\n")
+    assert "has no [consumer] section" in refused(capsys, ["--config", str(conf)])[1]
+    conf.write_text("[consumer]\nqueue = q\nprefetch = 0\n")
+    assert "--prefetch must be a whole number from 1" in refused(capsys, ["--config", str(conf)])[1]
+
+
+def test_a_password_never_appears_in_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad URL is quoted with its password masked."""
+    code, err = refused(capsys, ["--queue", "q", "--url", "amqpx://user:s3cret@host/"])
+    assert code == ExitStatus.CONFIG
+    assert "s3cret" not in err and "user:***@host" in err
+
+
+def test_the_shipped_tap_conf_works_as_is() -> None:
+    """tap.conf in the repository parses and names a queue on the local broker."""
+    conf = Path(__file__).parent.parent / "tap.conf"
+    s = parse(["--config", str(conf)]).settings
+    assert s.queue == "task_queue" and s.url.host in ("localhost", "127.0.0.1")
