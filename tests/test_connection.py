@@ -103,7 +103,9 @@ def broker_says(connection: AMQPConnection, method: Any) -> None:
         (None, net_errors.ConnectionDone(), Lost.CONNECTION_LOST, False),
     ],
 )  # fmt: skip
-def test_each_cause_is_named(first_error: Exception | None, reason: Exception | None, kind: Lost, fatal: bool) -> None:
+def test_each_cause_is_named(
+    first_error: Exception | None, reason: Exception | None, kind: Lost, fatal: bool
+) -> None:
     """What pika and Twisted saw maps to one named cause, fatal only when retrying cannot help."""
     cause = classify(opened=True, first_error=first_error, reason=reason, url=URL)
     assert (cause.kind, cause.fatal) == (kind, fatal)
@@ -113,7 +115,9 @@ def test_an_access_refusal_names_user_and_vhost_but_not_the_password() -> None:
     """The operator reads who was refused where; the password stays out."""
     error = pika_errors.ConnectionClosedByBroker(403, "ACCESS_REFUSED - Login was refused")
     text = str(classify(opened=False, first_error=error, reason=None, url=URL))
-    assert "ACCESS_REFUSED" in text and "'alice'" in text and "'orders'" in text
+    assert "ACCESS_REFUSED" in text
+    assert "'alice'" in text
+    assert "'orders'" in text
     assert "s3cret" not in text
 
 
@@ -125,7 +129,8 @@ def test_the_broker_close_frame_survives_pikas_adapter() -> None:
     assert transport.disconnecting
     connection.connectionLost(Failure(net_errors.ConnectionDone()))
     [cause] = listener.causes()
-    assert cause.kind is Lost.ACCESS_REFUSED and cause.fatal
+    assert cause.kind is Lost.ACCESS_REFUSED
+    assert cause.fatal
 
 
 def test_a_silent_peer_times_out_the_handshake() -> None:
@@ -147,7 +152,8 @@ def test_teardown_aborts_a_peer_that_stopped_reading() -> None:
     clock, listener = Clock(), Listener()
     connection, transport = connected(clock, listener)
     broker_says(connection, spec.Connection.Close(320, "CONNECTION_FORCED - shutdown", 0, 0))
-    assert transport.disconnecting and not transport.disconnected
+    assert transport.disconnecting
+    assert not transport.disconnected
     clock.advance(TEARDOWN_GRACE)
     assert transport.disconnected
     connection.connectionLost(Failure(net_errors.ConnectionAborted()))
@@ -199,5 +205,9 @@ def test_connection_parameters_carry_credentials_and_a_name() -> None:
     """pika gets the vhost, the credentials, the heartbeat and a connection name for the management UI."""
     params = connection_parameters(URL, heartbeat=7, name="consumer_svc q")
     assert isinstance(params.credentials, pika.PlainCredentials)
-    assert (params.virtual_host, params.heartbeat, params.credentials.username) == ("orders", 7, "alice")
+    assert (params.virtual_host, params.heartbeat, params.credentials.username) == (
+        "orders",
+        7,
+        "alice",
+    )
     assert params.client_properties["connection_name"].startswith("consumer_svc q on ")

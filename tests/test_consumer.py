@@ -51,7 +51,11 @@ class FakeChannel:
         self.settled.append(("reject", tag))
 
     def deliver(self, tag: int, body: bytes = b"x") -> None:
-        method = type("Deliver", (), {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False})
+        method = type(
+            "Deliver",
+            (),
+            {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
+        )
         self.on_message(self, method, type("Props", (), {"headers": None})(), body)
 
     def die(self) -> None:
@@ -85,7 +89,9 @@ class Invoke:
 SETTINGS = Settings(url=parse_url("amqp://localhost"), queue="q", requeue_delay=1.0)
 
 
-def consuming(behaviour: Callable[[Message], Any]) -> tuple[Consumer, FakeChannel, Clock, list[str]]:
+def consuming(
+    behaviour: Callable[[Message], Any],
+) -> tuple[Consumer, FakeChannel, Clock, list[str]]:
     clock, channel, lost = Clock(), FakeChannel(), []
     consumer = Consumer(SETTINGS, Invoke(behaviour), clock, lost.append)  # type: ignore[arg-type]
     consumer.attach(FakeConnection(channel))  # type: ignore[arg-type]
@@ -105,9 +111,11 @@ def test_a_deferred_result_is_acked_only_when_it_succeeds() -> None:
     pending: Deferred[None] = Deferred()
     consumer, channel, _, _ = consuming(lambda m: pending)
     channel.deliver(1)
-    assert channel.settled == [] and len(consumer.inflight) == 1
+    assert channel.settled == []
+    assert len(consumer.inflight) == 1
     pending.callback(None)
-    assert channel.settled == [("ack", 1)] and not consumer.inflight
+    assert channel.settled == [("ack", 1)]
+    assert not consumer.inflight
 
 
 def test_a_coroutine_is_awaited_before_the_ack() -> None:
@@ -117,7 +125,7 @@ def test_a_coroutine_is_awaited_before_the_ack() -> None:
     async def handler(message: Message) -> None:
         await gate
 
-    consumer, channel, _, _ = consuming(lambda m: Deferred.fromCoroutine(handler(m)))
+    _consumer, channel, _, _ = consuming(lambda m: Deferred.fromCoroutine(handler(m)))
     channel.deliver(5)
     assert channel.settled == []
     gate.callback(None)
@@ -163,14 +171,15 @@ def test_a_failed_deferred_counts_as_a_failure() -> None:
 def test_no_ack_goes_to_a_channel_other_than_the_delivery_s() -> None:
     """A delivery from a channel that died is never acked, even on the new channel."""
     pending: Deferred[None] = Deferred()
-    consumer, old, clock, lost = consuming(lambda m: pending)
+    consumer, old, _clock, lost = consuming(lambda m: pending)
     old.deliver(1)
     old.die()
     assert lost == ["channel closed: Exception: channel closed"]
     new = FakeChannel()
     consumer.attach(FakeConnection(new))  # type: ignore[arg-type]
     pending.callback(None)
-    assert old.settled == [] and new.settled == []
+    assert old.settled == []
+    assert new.settled == []
     assert not consumer.inflight
 
 
@@ -180,10 +189,12 @@ def test_draining_waits_for_in_flight_messages_and_acks_them() -> None:
     consumer, channel, clock, _ = consuming(lambda m: pending)
     channel.deliver(1)
     drained = consumer.drain(timeout=30)
-    assert channel.cancelled and not drained.called
+    assert channel.cancelled
+    assert not drained.called
     clock.advance(10)
     pending.callback(None)
-    assert drained.called and channel.settled == [("ack", 1)]
+    assert drained.called
+    assert channel.settled == [("ack", 1)]
     assert consumer.state is ConsumerState.STOPPED
     assert clock.getDelayedCalls() == []
 
@@ -218,7 +229,8 @@ def test_messages_arriving_while_draining_are_handed_back_at_once() -> None:
     consumer, channel, _, _ = consuming(lambda m: invoke_calls.append(m.delivery_tag))
     consumer.drain(timeout=30)
     channel.deliver(9)
-    assert channel.settled == [("requeue", 9)] and invoke_calls == []
+    assert channel.settled == [("requeue", 9)]
+    assert invoke_calls == []
 
 
 def test_draining_flushes_held_failures_at_once() -> None:
@@ -230,7 +242,8 @@ def test_draining_flushes_held_failures_at_once() -> None:
     consumer, channel, clock, _ = consuming(fail)
     channel.deliver(1)
     drained = consumer.drain(timeout=30)
-    assert drained.called and channel.settled == [("requeue", 1)]
+    assert drained.called
+    assert channel.settled == [("requeue", 1)]
     assert clock.getDelayedCalls() == []
 
 

@@ -30,14 +30,26 @@ def test_defaults() -> None:
     """Only --queue is needed; everything else has a documented default."""
     s = parse(["--queue", "task_queue"]).settings
     assert (s.queue, s.prefetch, s.heartbeat, s.shutdown_timeout) == ("task_queue", 10, 30, 30.0)
-    assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == ("localhost", 5672, "/", "guest")
-    assert s.declare and s.handler is None and s.queue_arguments == {}
+    assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == (
+        "localhost",
+        5672,
+        "/",
+        "guest",
+    )
+    assert s.declare
+    assert s.handler is None
+    assert s.queue_arguments == {}
 
 
 def test_amqp_url_comes_from_the_environment() -> None:
     """Without --url, $AMQP_URL names the broker."""
     s = parse(["--queue", "q"], {"AMQP_URL": "amqp://u:p@rabbit.example:5673/jobs"}).settings
-    assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == ("rabbit.example", 5673, "jobs", "u")
+    assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == (
+        "rabbit.example",
+        5673,
+        "jobs",
+        "u",
+    )
 
 
 def test_command_line_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
@@ -48,7 +60,13 @@ def test_command_line_beats_environment_beats_file_beats_default(tmp_path: Path)
         ["--config", str(conf), "--prefetch", "5"],
         {"CONSUMER_PREFETCH": "6", "CONSUMER_HEARTBEAT": "12"},
     ).settings
-    assert (s.queue, s.prefetch, s.heartbeat, s.threads, s.shutdown_timeout) == ("from_file", 5, 12, 3, 30.0)
+    assert (s.queue, s.prefetch, s.heartbeat, s.threads, s.shutdown_timeout) == (
+        "from_file",
+        5,
+        12,
+        3,
+        30.0,
+    )
 
 
 def test_repeatable_options_and_typed_queue_arguments() -> None:
@@ -66,7 +84,9 @@ def test_repeatable_options_and_typed_queue_arguments() -> None:
 def test_lists_in_the_config_file(tmp_path: Path) -> None:
     """In the file, repeatable options take several lines or commas."""
     conf = tmp_path / "c.conf"
-    conf.write_text("[consumer]\nqueue = q\nexchange = ex\nrouting-key = a,\n  b\nno_declare = false\n")
+    conf.write_text(
+        "[consumer]\nqueue = q\nexchange = ex\nrouting-key = a,\n  b\nno_declare = false\n"
+    )
     s = parse(["--config", str(conf)]).settings
     assert s.routing_keys == ("a", "b")
 
@@ -113,11 +133,14 @@ def test_bad_values_give_one_line_and_an_exit_status(
     """Each bad value is named in a single line on stderr, with its documented exit status."""
     code, err = refused(capsys, argv)
     assert code == status
-    assert err.count("\n") == 1 and err.startswith("twistd consumer: error: ")
+    assert err.count("\n") == 1
+    assert err.startswith("twistd consumer: error: ")
     assert says in err
 
 
-def test_bad_config_file_keys_and_values_are_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_bad_config_file_keys_and_values_are_named(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """An unknown key, a missing section or a bad value in the file is named with the file."""
     conf = tmp_path / "tap.conf"
     conf.write_text("[consumer]\nqueue = q\nprefech = 3\n")
@@ -132,11 +155,13 @@ def test_a_password_never_appears_in_an_error(capsys: pytest.CaptureFixture[str]
     """A bad URL is quoted with its password masked."""
     code, err = refused(capsys, ["--queue", "q", "--url", "amqpx://user:s3cret@host/"])
     assert code == ExitStatus.CONFIG
-    assert "s3cret" not in err and "user:***@host" in err
+    assert "s3cret" not in err
+    assert "user:***@host" in err
 
 
 def test_the_shipped_tap_conf_works_as_is() -> None:
     """tap.conf in the repository parses and names a queue on the local broker."""
     conf = Path(__file__).parent.parent / "tap.conf"
     s = parse(["--config", str(conf)]).settings
-    assert s.queue == "task_queue" and s.url.host in ("localhost", "127.0.0.1")
+    assert s.queue == "task_queue"
+    assert s.url.host in ("localhost", "127.0.0.1")
