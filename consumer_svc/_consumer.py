@@ -140,9 +140,13 @@ class Consumer:
             return
         self.channel = None
         self.consumer_tag = None
-        if self.state is ConsumerState.CONSUMING:
+        # Only a channel-level close is ours to report: when the whole
+        # connection goes, the connection's own loss tells the story.
+        if self.state is ConsumerState.CONSUMING and isinstance(
+            reason, pika_errors.ChannelClosedByBroker
+        ):
             self.state = ConsumerState.IDLE
-            self.on_lost(f"channel closed: {_reason(reason)}")
+            self.on_lost(f"channel closed by the broker: {_reason(reason)}")
 
     def _cancelled_by_broker(self) -> None:
         """The broker cancelled us (queue deleted, leader moved): subscribe again."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import pytest
+from pika.exceptions import ChannelClosedByBroker
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -60,7 +61,7 @@ class FakeChannel:
 
     def die(self) -> None:
         self.is_open = False
-        self.closed.callback(Exception("channel closed"))
+        self.closed.callback(ChannelClosedByBroker(406, "PRECONDITION_FAILED - unknown delivery tag 1"))
 
 
 class FakeConnection:
@@ -174,7 +175,7 @@ def test_no_ack_goes_to_a_channel_other_than_the_delivery_s() -> None:
     consumer, old, _clock, lost = consuming(lambda m: pending)
     old.deliver(1)
     old.die()
-    assert lost == ["channel closed: Exception: channel closed"]
+    assert lost == ["channel closed by the broker: 406 PRECONDITION_FAILED - unknown delivery tag 1"]
     new = FakeChannel()
     consumer.attach(FakeConnection(new))  # type: ignore[arg-type]
     pending.callback(None)

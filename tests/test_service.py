@@ -1,0 +1,442 @@
+"""The service in this process against a real broker node: consuming, recovering, refusing.
+
+Each test runs a `ConsumerService` in pytest-twisted's reactor against the
+session's throwaway RabbitMQ node, and waits with deadlines only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from amqp_tools import publish
+from rabbitmq import RabbitNode
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from waiting import eventually, within
+
+import consumer_svc
+from consumer_svc import ExitStatus, Message, Reject
+from consumer_svc._service import ConsumerService, State
+from consumer_svc._settings import Settings, parse_url
+
+
+class Recorder:
+    """A handler that records what it handled, and behaves as the test asks."""
+
+    def __init__(self, behaviour: Callable[[Message], Any] = lambda m: None) -> None:
+        self.behaviour = behaviour
+        self.bodies: list[bytes] = []
+        self.redelivered: list[bool] = []
+
+    def __call__(self, message: Message) -> Any:
+        self.bodies.append(message.body)
+        self.redelivered.append(message.redelivered)
+        return self.behaviour(message)
+
+    def count(self) -> Counter[bytes]:
+        return Counter(self.bodies)
+
+
+class Logs:
+    """Captures formatted log lines while a test runs."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+
+@pytest.fixture
+def logs() -> Any:
+    captured = Logs()
+    globalLogPublisher.addObserver(captured)
+    yield captured
+    globalLogPublisher.removeObserver(captured)
+
+
+def settings_for(url: str, queue: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "url": parse_url(url),
+        "queue": queue,
+        "heartbeat": 5,
+        "reconnect_initial": 0.2,
+        "reconnect_max": 1.0,
+        "requeue_delay": 0.1,
+        "shutdown_timeout": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Running:
+    """A started service, its recorded exits, and a bounded stop."""
+
+    def __init__(self, settings: Settings, handler: Callable[[Message], Any]) -> None:
+        self.exits: list[ExitStatus] = []
+        self.service = ConsumerService(settings, handler, exit=self.exits.append)
+        self.service.startService()
+
+    async def consuming(self, timeout: float = 20) -> None:
+        await eventually(
+            lambda: self.service.state is State.CONSUMING,
+            timeout=timeout,
+            what="the service to consume",
+        )
+
+    async def stop(self) -> None:
+        if self.service.running:
+            await within(60, self.service.stopService())
+
+
+@pytest.fixture
+def services() -> Any:
+    """Starts services on demand and stops every one of them at the end."""
+    started: list[Running] = []
+
+    def start(settings: Settings, handler: Callable[[Message], Any]) -> Running:
+        run = Running(settings, handler)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.service.running:
+            pytest_twisted.blockon(within(60, run.service.stopService()))
+
+
+def ready_and_unacked(node: RabbitNode, queue: str) -> tuple[int, int]:
+    stats = node.list_queues().get(queue)
+    return (stats.messages_ready, stats.messages_unacknowledged) if stats else (-1, -1)
+
+
+async def queue_settles(node: RabbitNode, queue: str, ready: int = 0, timeout: float = 20) -> None:
+    """Wait until the queue holds ``ready`` messages and none unacked."""
+    await eventually(
+        lambda: ready_and_unacked(node, queue) == (ready, 0),
+        timeout=timeout,
+        what=f"queue {queue} to hold {ready} ready and 0 unacked",
+        blocking=True,
+    )
+
+
+async def send(node: RabbitNode, queue: str, bodies: list[bytes], **kwargs: Any) -> None:
+    await deferToThread(publish, node.url(), queue, bodies, **kwargs)
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+# -- consuming
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_message_is_handled_and_acked(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """Published messages are each handled once and acked; the queue ends empty."""
+    handler = Recorder()
+    run = services(settings_for(rabbit.url(), queue_name), handler)
+    await run.consuming()
+    bodies = [b"m%d" % i for i in range(50)]
+    await send(rabbit, queue_name, bodies)
+    await eventually(lambda: len(handler.bodies) == 50, timeout=20, what="50 messages handled")
+    await queue_settles(rabbit, queue_name)
+    assert handler.count() == Counter(bodies)
+
+
+@pytest_twisted.ensureDeferred
+async def test_up_to_prefetch_messages_are_handled_at_once(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """With prefetch 3, three handlers run concurrently and a fourth waits for one to finish."""
+    gates: list[Deferred[None]] = []
+
+    def held(message: Message) -> Deferred[None]:
+        gate: Deferred[None] = Deferred()
+        gates.append(gate)
+        return gate
+
+    run = services(settings_for(rabbit.url(), queue_name, prefetch=3), Recorder(held))
+    await run.consuming()
+    await send(rabbit, queue_name, [b"a", b"b", b"c", b"d", b"e"])
+    await eventually(lambda: len(gates) == 3, timeout=10, what="3 handlers running")
+    await eventually(
+        lambda: ready_and_unacked(rabbit, queue_name) == (2, 3),
+        timeout=10,
+        what="2 ready, 3 unacked",
+        blocking=True,
+    )
+    assert len(gates) == 3  # the broker holds back the rest: QoS is per consumer
+    gates[0].callback(None)
+    await eventually(lambda: len(gates) == 4, timeout=10, what="a 4th handler after one finished")
+    for gate in gates[1:]:
+        gate.callback(None)
+    await eventually(lambda: len(gates) == 5, timeout=10, what="the 5th handler")
+    gates[4].callback(None)
+    await queue_settles(rabbit, queue_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_deferred_coroutine_and_blocking_handlers(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """All three kinds of handler have their messages acked once they finish."""
+    seen: list[tuple[str, bytes]] = []
+
+    def deferred_handler(message: Message) -> Deferred[None]:
+        return task.deferLater(reactor, 0.01, seen.append, ("deferred", message.body))
+
+    async def coroutine_handler(message: Message) -> None:
+        await sleep(0.01)
+        seen.append(("coroutine", message.body))
+
+    @consumer_svc.blocking
+    def blocking_handler(message: Message) -> None:
+        time.sleep(0.01)
+        seen.append(("blocking", message.body))
+
+    for kind, handler in (
+        ("deferred", deferred_handler),
+        ("coroutine", coroutine_handler),
+        ("blocking", blocking_handler),
+    ):
+        queue = f"{queue_name}-{kind}"
+        run = services(settings_for(rabbit.url(), queue), handler)
+        await run.consuming()
+        await send(rabbit, queue, [b"1", b"2", b"3"])
+        await queue_settles(rabbit, queue)
+        assert sorted(body for k, body in seen if k == kind) == [b"1", b"2", b"3"]
+        await run.stop()
+        await deferToThread(rabbit.delete_queue, queue)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_message_is_requeued_and_retried(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """A handler that fails once sees the message again, redelivered, and then it is acked."""
+    failures: list[bytes] = []
+
+    def flaky(message: Message) -> None:
+        if not message.redelivered:
+            failures.append(message.body)
+            raise RuntimeError("transient")
+
+    handler = Recorder(flaky)
+    run = services(settings_for(rabbit.url(), queue_name), handler)
+    await run.consuming()
+    await send(rabbit, queue_name, [b"x"])
+    await eventually(lambda: len(handler.bodies) == 2, timeout=10, what="the retry")
+    await queue_settles(rabbit, queue_name)
+    assert handler.redelivered == [False, True]
+    assert failures == [b"x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reject_drops_the_message_without_requeue(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """A Reject is final: the message is not delivered again."""
+
+    def refuse(message: Message) -> None:
+        raise Reject("unusable")
+
+    handler = Recorder(refuse)
+    run = services(settings_for(rabbit.url(), queue_name), handler)
+    await run.consuming()
+    await send(rabbit, queue_name, [b"poison", b"ok"])
+    await queue_settles(rabbit, queue_name)
+    assert handler.bodies == [b"poison", b"ok"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_is_bound_to_a_declared_exchange(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """With --exchange and --routing-key, messages published to the exchange reach the handler."""
+    handler = Recorder()
+    exchange = f"{queue_name}-ex"
+    settings = settings_for(
+        rabbit.url(), queue_name, exchange=exchange, exchange_type="topic", routing_keys=("jobs.*",)
+    )
+    run = services(settings, handler)
+    await run.consuming()
+    await send(rabbit, "jobs.print", [b"routed"], exchange=exchange, declare=False)
+    await eventually(lambda: handler.bodies == [b"routed"], timeout=10, what="the routed message")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_handler_does_not_cost_the_heartbeat(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """A @blocking handler busy for several heartbeat intervals keeps its connection and is acked once.
+
+    The seed's "missed heartbeats from client": with a 1 s heartbeat the broker
+    would drop a client whose reactor is blocked for 6 s.
+    """
+
+    def slow(message: Message) -> None:
+        time.sleep(6)
+
+    handler = consumer_svc.blocking(Recorder(slow))
+    run = services(settings_for(rabbit.url(), queue_name, heartbeat=1), handler)
+    await run.consuming()
+    connection = run.service._connection
+    await send(rabbit, queue_name, [b"long job"])
+    await queue_settles(rabbit, queue_name, timeout=30)
+    assert handler.bodies == [b"long job"]
+    assert handler.redelivered == [False]
+    assert run.service._connection is connection
+    assert run.service.state is State.CONSUMING
+
+
+# -- recovering
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broker_restart_mid_stream_loses_nothing(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """The broker's app restarts while messages flow; every message is still handled and acked."""
+    handler = Recorder(lambda m: sleep(0.005))
+    run = services(settings_for(rabbit.url(), queue_name, prefetch=20), handler)
+    await run.consuming()
+    bodies = [b"r%d" % i for i in range(300)]
+    await send(rabbit, queue_name, bodies)
+    await eventually(
+        lambda: len(handler.bodies) >= 50, timeout=20, what="50 handled before the restart"
+    )
+    await deferToThread(rabbit.restart_app)
+    await eventually(
+        lambda: set(handler.bodies) == set(bodies), timeout=60, what="every message handled"
+    )
+    await queue_settles(rabbit, queue_name, timeout=30)
+    duplicates = len(handler.bodies) - len(bodies)
+    assert duplicates <= 20 * 2  # at most the in-flight window, once per loss
+    assert "Lost the connection to" in logs.text()
+    assert run.service.state is State.CONSUMING
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forced_close_is_recovered(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """CONNECTION_FORCED from the broker is logged with its cause and the service consumes again."""
+    handler = Recorder()
+    run = services(settings_for(rabbit.url(), queue_name), handler)
+    await run.consuming()
+    for round_ in range(3):
+        await deferToThread(rabbit.close_all_connections, "maintenance")
+        await eventually(
+            lambda: run.service.state is not State.CONSUMING, timeout=10, what="the loss noticed"
+        )
+        await run.consuming()
+        await send(rabbit, queue_name, [b"after %d" % round_])
+    await eventually(lambda: len(handler.bodies) == 3, timeout=10, what="messages after each close")
+    assert "CONNECTION_FORCED" in logs.text()
+    assert "maintenance" in logs.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_queue_is_declared_again(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """When the queue is deleted under the consumer (basic.cancel), the service re-declares it and resumes."""
+    handler = Recorder()
+    run = services(settings_for(rabbit.url(), queue_name), handler)
+    await run.consuming()
+    await deferToThread(rabbit.delete_queue, queue_name)
+    await eventually(
+        lambda: "the broker cancelled the consumer" in logs.text(),
+        timeout=10,
+        what="the cancel noticed",
+    )
+    await run.consuming()
+    await eventually(
+        lambda: queue_name in rabbit.list_queues(),
+        timeout=10,
+        what="the queue re-declared",
+        blocking=True,
+    )
+    await send(rabbit, queue_name, [b"after delete"], declare=False)
+    await eventually(
+        lambda: handler.bodies == [b"after delete"], timeout=10, what="consumption resumed"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_no_declare_a_missing_queue_is_awaited(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """--no-declare on a missing queue retries with backoff, saying why, and consumes once it appears."""
+    handler = Recorder()
+    run = services(settings_for(rabbit.url(), queue_name, declare=False), handler)
+    await eventually(
+        lambda: "does not exist (--no-declare)" in logs.text(), timeout=10, what="the reason logged"
+    )
+    assert run.exits == []
+    await send(rabbit, queue_name, [b"finally"])  # declares the queue
+    await run.consuming()
+    await eventually(lambda: handler.bodies == [b"finally"], timeout=10, what="the message")
+
+
+# -- refusing
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_credentials_exit_with_one_clear_line(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """A refused login names ACCESS_REFUSED and the user, never the password, and exits 77."""
+    url = rabbit.url(user="guest", password="wrong-pa55word")
+    run = services(settings_for(url, queue_name), Recorder())
+    await eventually(lambda: run.exits != [], timeout=10, what="the fatal exit")
+    assert run.exits == [ExitStatus.ACCESS_REFUSED]
+    [line] = [line for line in logs.lines() if "Giving up" in line]
+    assert "ACCESS_REFUSED" in line
+    assert "'guest'" in line
+    assert "wrong-pa55word" not in logs.text()
+    assert run.service.state is State.FAILED
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_vhost_exits_with_one_clear_line(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """A vhost that does not exist is named, and the service exits 77 instead of retrying."""
+    run = services(settings_for(rabbit.url(vhost="no-such-vhost"), queue_name), Recorder())
+    await eventually(lambda: run.exits != [], timeout=10, what="the fatal exit")
+    assert run.exits == [ExitStatus.ACCESS_REFUSED]
+    [line] = [line for line in logs.lines() if "Giving up" in line]
+    assert "no-such-vhost" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_mismatched_queue_arguments_exit_and_lose_nothing(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """A queue declared elsewhere with other arguments stops the service with exit 78; its messages stay."""
+    await send(rabbit, queue_name, [b"keep me"], queue_arguments={"x-max-length": 10})
+    settings = settings_for(rabbit.url(), queue_name, queue_arguments={"x-max-length": 99})
+    run = services(settings, Recorder())
+    await eventually(lambda: run.exits != [], timeout=10, what="the fatal exit")
+    assert run.exits == [ExitStatus.TOPOLOGY_MISMATCH]
+    [line] = [line for line in logs.lines() if "Giving up" in line]
+    assert "PRECONDITION_FAILED" in line
+    assert "x-max-length" in line
+    await queue_settles(rabbit, queue_name, ready=1)

@@ -1,0 +1,220 @@
+"""`twistd consumer` as a process: the plugin, signals, deadlines and exit statuses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from amqp_tools import publish
+from rabbitmq import RabbitNode
+from waiting import poll_until
+
+import consumer_svc
+
+TESTS = Path(__file__).parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+class Twistd:
+    """A `twistd -n consumer` subprocess with its log in a file."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log = tmp / "twistd.log"
+        self.record = tmp / "record.txt"
+        self.record.touch()
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
+        environ.update({"RECORD": str(self.record), "PYTHONPATH": str(TESTS)}, **(env or {}))
+        self._out = open(self.log, "wb")  # noqa: SIM115 (closed in wait)
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "consumer", *args],
+            cwd=tmp,
+            env=environ,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def records(self, outcome: str) -> list[str]:
+        return [
+            line.split(" ", 1)[1]
+            for line in self.record.read_text().splitlines()
+            if line.startswith(outcome + " ")
+        ]
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        poll_until(
+            lambda: text in self.text() or self.process.poll() is not None,
+            timeout,
+            message=f"{text!r} in the log",
+        )
+        assert text in self.text(), self.text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._out.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._out.close()
+
+
+@pytest.fixture
+def twistd(tmp_path: Path) -> Iterator[type[Twistd]]:
+    started: list[Twistd] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> Twistd:
+        process = Twistd(tmp_path, args, env)
+        started.append(process)
+        return process
+
+    yield start  # type: ignore[misc]
+    for process in started:
+        process.kill()
+
+
+def test_the_plugin_is_installed() -> None:
+    """`twistd --help` lists the consumer plugin."""
+    out = subprocess.run(
+        [TWISTD, "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "consumer" in out
+
+
+def counts(node: RabbitNode, queue: str) -> tuple[int, int]:
+    stats = node.list_queues()[queue]
+    return stats.messages_ready, stats.messages_unacknowledged
+
+
+def test_sigterm_finishes_in_flight_messages_and_exits(
+    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+) -> None:
+    """On SIGTERM, running handlers finish and are acked, the rest stay queued, and twistd exits before its deadline."""
+    publish(rabbit.url(), queue_name, [f"job{i}".encode() for i in range(10)])
+    run = twistd(
+        [
+            "--url",
+            rabbit.url(),
+            "--queue",
+            queue_name,
+            "--handler",
+            "handlers:slow",
+            "--prefetch",
+            "4",
+            "--shutdown-timeout",
+            "20",
+        ],
+        env={"HANDLER_SECONDS": "2"},
+    )
+    poll_until(lambda: len(run.records("start")) == 4, 30, message="4 handlers running")
+    started = time.monotonic()
+    run.process.send_signal(signal.SIGTERM)
+    status = run.wait(30)
+    elapsed = time.monotonic() - started
+    assert status == -signal.SIGTERM  # twistd re-raises the signal after a clean stop
+    assert elapsed < 20
+    done = run.records("done")
+    assert sorted(done) == sorted(run.records("start"))  # every started handler finished
+    assert counts(rabbit, queue_name) == (
+        10 - len(done),
+        0,
+    )  # finished were acked, the rest are back
+    assert "Stopping: 4 message(s) in flight" in run.text()
+    assert "Closing the AMQP connection" in run.text()
+
+
+def test_the_shutdown_deadline_hands_back_what_is_still_running(
+    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+) -> None:
+    """Handlers that never finish are cut off at --shutdown-timeout and their messages go back to the queue."""
+    publish(rabbit.url(), queue_name, [b"a", b"b", b"c"])
+    run = twistd(
+        [
+            "--url",
+            rabbit.url(),
+            "--queue",
+            queue_name,
+            "--handler",
+            "handlers:forever",
+            "--shutdown-timeout",
+            "2",
+        ]
+    )
+    poll_until(lambda: len(run.records("start")) == 3, 30, message="3 handlers running")
+    started = time.monotonic()
+    run.process.send_signal(signal.SIGTERM)
+    run.wait(30)
+    elapsed = time.monotonic() - started
+    assert 2 <= elapsed < 10
+    assert counts(rabbit, queue_name) == (3, 0)
+    assert "Shutdown deadline reached with 3 message(s) in flight" in run.text()
+
+
+def test_a_stuck_blocking_handler_does_not_hold_the_process(
+    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+) -> None:
+    """A @blocking handler still sleeping at the deadline is abandoned; the process exits and the message is requeued."""
+    publish(rabbit.url(), queue_name, [b"stuck"])
+    run = twistd(
+        [
+            "--url",
+            rabbit.url(),
+            "--queue",
+            queue_name,
+            "--handler",
+            "handlers:blocking_sleep",
+            "--shutdown-timeout",
+            "1",
+        ],
+        env={"HANDLER_SECONDS": "120"},
+    )
+    poll_until(lambda: run.records("start") == ["stuck"], 30, message="the handler running")
+    run.process.send_signal(signal.SIGTERM)
+    run.wait(30)
+    assert counts(rabbit, queue_name) == (1, 0)
+    assert "blocking handler thread(s) still running past the deadline; abandoned" in run.text()
+
+
+def test_wrong_credentials_exit_77_with_one_line(
+    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+) -> None:
+    """A refused login is one log line without a traceback or the password, and exit status 77."""
+    run = twistd(["--queue", queue_name], env={"AMQP_URL": rabbit.url(password="hunter2-secret")})
+    assert run.wait(30) == consumer_svc.ExitStatus.ACCESS_REFUSED
+    text = run.text()
+    assert "hunter2-secret" not in text
+    assert "Traceback" not in text
+    [line] = [line for line in text.splitlines() if "Giving up" in line]
+    assert "ACCESS_REFUSED" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "status", "says"),
+    [
+        (["--queue", "q", "--handler", "handlers:nope"], {}, 65, "module 'handlers' has no attribute 'nope'"),
+        (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "RuntimeError: handler module failed while importing"),
+        (["--queue", "q", "--prefetch", "0"], {}, 64, "--prefetch must be a whole number from 1 to 65535, got '0'"),
+        (["--queue", "q", "--config", "missing.conf"], {}, 64, "cannot read config file 'missing.conf'"),
+    ],
+)  # fmt: skip
+def test_bad_input_stops_before_connecting(
+    args: list[str], env: dict[str, str], status: int, says: str, twistd: type[Twistd]
+) -> None:
+    """A handler that cannot be imported or a bad value is one line on stderr and a documented status."""
+    run = twistd(["--url", "amqp://guest:guest@127.0.0.1:1/", *args], env=env)
+    assert run.wait(60) == status
+    lines = run.text().strip().splitlines()
+    assert lines == [f"twistd consumer: error: {lines[0].split('error: ', 1)[1]}"]
+    assert says in lines[0]
