@@ -1,12 +1,14 @@
 """Packaging for consumer_svc: the library, its twistd plugin, and extras."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="consumer_svc",
     version="0.1.0",
     description="A long-running RabbitMQ consumer service for Twisted: twistd consumer --queue NAME",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
@@ -22,7 +24,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3"],
-        "dev": ["ruff>=0.6", "mypy>=1.11"],
+        # mypy-zope: Twisted's interfaces are zope.interface ones, which plain mypy cannot check.
+        "dev": ["ruff>=0.6", "mypy>=1.11", "mypy-zope>=1.0"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ._amqp import AMQPConnection, AMQPFactory, Cause, connection_parameters
+from ._amqp import AMQPConnection, AMQPFactory, Cause, Lost, connection_parameters
 from ._backoff import Backoff
 from ._consumer import Consumer, SetupFailed
 from ._errors import AccessRefused, ExitStatus, FatalError
@@ -223,14 +223,13 @@ class ConsumerService(Service):
             return
         was = self.state
         self.state = State.WAITING
+        opened = connection is not None and connection.opened
         log.warn(
             "{what} {host}:{port}: {cause}",
-            what="Lost the connection to"
-            if connection is not None and connection.opened
-            else "Could not connect to",
+            what="Lost the connection to" if opened else "Could not connect to",
             host=self.settings.url.host,
             port=self.settings.url.port,
-            cause=str(cause),
+            cause=cause.detail if cause.kind is Lost.CONNECT_FAILED else str(cause),
             lost=cause.kind.name,
             previous_state=was.value,
         )

@@ -61,7 +61,9 @@ class FakeChannel:
 
     def die(self) -> None:
         self.is_open = False
-        self.closed.callback(ChannelClosedByBroker(406, "PRECONDITION_FAILED - unknown delivery tag 1"))
+        self.closed.callback(
+            ChannelClosedByBroker(406, "PRECONDITION_FAILED - unknown delivery tag 1")
+        )
 
 
 class FakeConnection:
@@ -175,7 +177,9 @@ def test_no_ack_goes_to_a_channel_other_than_the_delivery_s() -> None:
     consumer, old, _clock, lost = consuming(lambda m: pending)
     old.deliver(1)
     old.die()
-    assert lost == ["channel closed by the broker: 406 PRECONDITION_FAILED - unknown delivery tag 1"]
+    assert lost == [
+        "channel closed by the broker: 406 PRECONDITION_FAILED - unknown delivery tag 1"
+    ]
     new = FakeChannel()
     consumer.attach(FakeConnection(new))  # type: ignore[arg-type]
     pending.callback(None)

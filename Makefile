@@ -1,0 +1,42 @@
+# The same commands for a person and for CI (.ci/run): `make test` is the one test command.
+#   make bootstrap   .venv with the package and its [test,dev] extras, RabbitMQ if missing
+#   make run         twistd consumer with tap.conf, against a local broker (ARGS="--queue x")
+#   make test        lint, type check, then pytest (PYTEST_ARGS="-k harness -x")
+#   make lint        ruff check and ruff format --check
+#   make clean       remove build output, caches and .tmp (keeps .venv; distclean drops it)
+SHELL := bash
+BIN := .venv/bin
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap venv run test lint typecheck format clean distclean
+
+bootstrap venv:
+	scripts/bootstrap.sh
+
+run:
+	scripts/run-local.sh $(ARGS)
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: bootstrap
+	$(BIN)/mypy consumer_svc
+
+format: bootstrap
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Run as .venv/bin/pytest, not python -m pytest: the repository root stays off sys.path, so
+# the tests import the installed package, as a user would.
+test: lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tmp
+	find . -path ./.venv -prune -o \( -name __pycache__ -o -name dropin.cache \) -print0 \
+		| xargs -0 rm -rf
+
+distclean: clean
+	rm -rf .venv

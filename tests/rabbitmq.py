@@ -1,0 +1,786 @@
+"""Throwaway RabbitMQ nodes for tests: start a private broker, break it on purpose, leave nothing.
+
+A :class:`RabbitNode` runs the real ``rabbitmq-server`` script (not Debian's wrapper, which
+switches to the ``rabbitmq`` user) as the current user, with its own Erlang cookie, its own
+``epmd`` on a free port and free AMQP and distribution ports, so it never touches a system
+broker (which owns 5672, 4369 and 25672).
+
+Every process a node spawns carries a marker in its environment. ``stop()``, an ``atexit``
+hook and a small watchdog process find the node's processes by that marker and kill them; the
+watchdog covers the cases where ``atexit`` never runs (the test process is SIGKILLed, or calls
+``os._exit`` as pytest-timeout's thread method does). The marker is needed because Erlang's
+``erl_child_setup`` and ``inet_gethost`` call ``setsid()``, so a process group misses them.
+
+Only the standard library is imported, so importing this module never installs a reactor.
+Run as a script it serves a node in the foreground for ``make run``::
+
+    python tests/rabbitmq.py serve --port 5672 --dir .tmp/local-broker
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from urllib.parse import quote
+
+__all__ = [
+    "ConnectionInfo",
+    "CtlError",
+    "QueueStats",
+    "RabbitNode",
+    "RabbitNodeError",
+    "find_rabbitmq_scripts",
+    "free_port",
+]
+
+_MARKER = "RABBITNODE_TAG"
+_DEFAULT_WATERMARK = "0.4"
+_START_MARK = "=== rabbitmq.py: start"
+_CTL_PORTS = 5  # concurrent rabbitmqctl invocations a node allows
+_ports_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+class RabbitNodeError(RuntimeError):
+    """A node did not start, stop or answer as expected; the message ends with its log."""
+
+
+class CtlError(RabbitNodeError):
+    """A ``rabbitmqctl`` command failed or timed out."""
+
+    def __init__(self, args: Sequence[str], returncode: int | None, stdout: str, stderr: str):
+        self.args_ = tuple(args)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        status = "timed out" if returncode is None else f"exited with {returncode}"
+        super().__init__(
+            f"rabbitmqctl {' '.join(args)} {status}:\n{stderr.strip() or stdout.strip()}"
+        )
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts for one queue, as ``rabbitmqctl list_queues`` reports them."""
+
+    messages_ready: int
+    messages_unacknowledged: int
+    consumers: int
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """One client connection, as ``rabbitmqctl list_connections`` reports it."""
+
+    pid: str  # Erlang pid such as "<rmq-1a2b@localhost.1700000000.712.0>"
+    name: str  # "127.0.0.1:40684 -> 127.0.0.1:5699"
+    user: str
+    vhost: str
+    state: str  # running, blocking, blocked, closing ...
+    peer_port: int
+    client_name: str | None  # the client's ``connection_name`` property, if it sent one
+
+
+class _Deadline:
+    """A point in monotonic time that several waits share."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+
+    def remaining(self, floor: float = 0.0) -> float:
+        return max(floor, self._end - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self._end
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now and not handed out before by us."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        with _ports_lock:
+            if port not in _ports_handed_out:
+                _ports_handed_out.add(port)
+                return port
+    raise RabbitNodeError("no free TCP port found on 127.0.0.1")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block(count: int) -> int:
+    """Return the first of ``count`` consecutive free ports."""
+    for _ in range(100):
+        first = free_port()
+        rest = range(first + 1, first + count)
+        with _ports_lock:
+            taken = any(p in _ports_handed_out or p > 65535 for p in rest)
+        if not taken and all(_port_is_free(p) for p in rest):
+            with _ports_lock:
+                _ports_handed_out.update(rest)
+            return first
+    raise RabbitNodeError(f"no block of {count} free TCP ports found on 127.0.0.1")
+
+
+def find_rabbitmq_scripts() -> tuple[Path, Path]:
+    """Find the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts (not Debian's wrapper)."""
+    dirs = [Path("/usr/lib/rabbitmq/bin")]
+    dirs += [Path(p) for p in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))]
+    found = shutil.which("rabbitmq-server", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if found:
+        real = Path(found).resolve()
+        # Debian's /usr/sbin/rabbitmq-server links to a wrapper that su's to "rabbitmq".
+        if real.name != "rabbitmq-script-wrapper":
+            dirs.append(real.parent)
+    for d in dirs:
+        server, ctl = d / "rabbitmq-server", d / "rabbitmqctl"
+        if (
+            server.is_file()
+            and ctl.is_file()
+            and "rabbitmq-script-wrapper" not in str(server.resolve())
+        ):
+            return server, ctl
+    raise RabbitNodeError(
+        "RabbitMQ is not installed: no rabbitmq-server script in /usr/lib/rabbitmq/bin, "
+        "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin or PATH "
+        "(on Debian: apt-get install --no-install-recommends rabbitmq-server)"
+    )
+
+
+def _find_epmd() -> Path:
+    found = shutil.which("epmd")
+    candidates = [found] if found else []
+    candidates += [
+        "/usr/lib/erlang/bin/epmd",
+        *sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")),
+    ]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return Path(c)
+    raise RabbitNodeError("epmd not found (Debian package erlang-base)")
+
+
+def _pids_with_marker(prefix: str) -> list[int]:
+    """Pids of live processes whose environment has ``RABBITNODE_TAG=<prefix>...``."""
+    needle = f"{_MARKER}={prefix}".encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # gone, or another user's process
+            continue
+        if environ.startswith(needle) or b"\0" + needle in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_marked(prefix: str, wait: float = 5.0) -> list[int]:
+    """SIGKILL every process marked with ``prefix`` until none is left; return those killed."""
+    killed: list[int] = []
+    deadline = _Deadline(wait)
+    while True:
+        pids = _pids_with_marker(prefix)
+        if not pids:
+            return killed
+        if deadline.expired:
+            raise RabbitNodeError(f"processes {pids} ({prefix}) survived SIGKILL")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.05)
+
+
+def _epmd_names(port: int, timeout: float = 1.0) -> list[str] | None:
+    """Node names registered with the epmd on ``port``, or None if it does not answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"\x00\x01n")  # NAMES_REQ
+            chunks = []
+            while chunk := s.recv(4096):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    reply = b"".join(chunks)
+    if len(reply) < 4:
+        return None
+    # Lines look like "name rmq-1a2b at port 41234".
+    return [line.split()[1] for line in reply[4:].decode().splitlines() if line.startswith("name ")]
+
+
+def _amqp_answers(port: int, timeout: float = 1.0) -> bool:
+    """True if something on ``port`` answers an AMQP 0-9-1 header with a method frame."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            return s.recv(1)[:1] == b"\x01"  # frame type 1: Connection.Start
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} not readable)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _first_errors(path: Path, since: str, lines: int = 15) -> str:
+    """The first error lines after the last ``since`` line: the cause, before the crash noise."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    start = text.rfind(since)
+    found = [
+        line
+        for line in text[max(start, 0) :].splitlines()
+        if "[error]" in line or "BOOT FAILED" in line or line.startswith("Error")
+    ]
+    return "\n".join(found[:lines])
+
+
+_live_nodes: set[RabbitNode] = set()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_live_nodes() -> None:
+    with _live_lock:
+        nodes = list(_live_nodes)
+    for node in nodes:
+        try:
+            node.stop(timeout=15)
+        except Exception:  # atexit must go on to the next node
+            with contextlib.suppress(Exception):
+                node._kill_everything()
+
+
+class RabbitNode:
+    """A private RabbitMQ node under ``base_dir``, listening on 127.0.0.1 only.
+
+    Data (``mnesia/``) survives ``kill()`` + ``start()`` and ``restart_app()``, since the node
+    name, ports and directories stay the same for the object's lifetime. All methods block,
+    and all are bounded by timeouts; call them from a thread in Twisted tests.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        *,
+        config: Iterable[str] = (),
+        amqp_port: int | None = None,
+        nodename: str | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        self.config = tuple(config)
+        self.nodename = nodename or f"rmq-{secrets.token_hex(4)}@localhost"
+        if "@" not in self.nodename:
+            self.nodename += "@localhost"
+        self.amqp_port = amqp_port or free_port()
+        self.dist_port = free_port()
+        self.ctl_port_min = _free_port_block(_CTL_PORTS)
+        self.epmd_port = free_port()
+        self.start_timeout = start_timeout
+        self._server_script, self._ctl_script = find_rabbitmq_scripts()
+        self._epmd_binary = _find_epmd()
+        self._tag = secrets.token_hex(8)
+        self._server: subprocess.Popen[bytes] | None = None
+        self._epmd: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<RabbitNode {self.nodename} amqp=127.0.0.1:{self.amqp_port} {state}>"
+
+    # -- paths and environment -------------------------------------------------------------
+
+    @property
+    def home(self) -> Path:
+        return self.base_dir / "home"
+
+    @property
+    def server_log(self) -> Path:
+        """stdout and stderr of ``rabbitmq-server``, appended across restarts."""
+        return self.base_dir / "server.log"
+
+    @property
+    def node_log(self) -> Path:
+        """The broker's own log file."""
+        return self.base_dir / "log" / f"{self.nodename}.log"
+
+    def url(self, user: str = "guest", password: str = "guest", vhost: str = "/") -> str:
+        """An ``amqp://`` URL for this node (the vhost percent-encoded: "/" becomes %2F)."""
+        return (
+            f"amqp://{quote(user, safe='')}:{quote(password, safe='')}"
+            f"@127.0.0.1:{self.amqp_port}/{quote(vhost, safe='')}"
+        )
+
+    def _env(self, role: str) -> dict[str, str]:
+        # Drop the caller's RabbitMQ/Erlang settings (and systemd's, which would make the
+        # script exec the VM and notify systemd) so nothing of a system node leaks in.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RABBITMQ_", "ERL_"))
+            and k not in {"NOTIFY_SOCKET", "CONF_ENV_FILE", "NODENAME", "HOME"}
+        }
+        if not (env.get("LC_ALL") or env.get("LANG")):
+            env["LC_ALL"] = "C.UTF-8"  # else the Erlang VM warns about latin1 file names
+        b = self.base_dir
+        loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
+        env.update(
+            {
+                # How stop(), kill() and the watchdog find every process of this node.
+                _MARKER: f"{self._tag}:{role}",
+                "HOME": str(self.home),  # the private .erlang.cookie lives there
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "RABBITMQ_NODENAME": self.nodename,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.amqp_port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_CTL_DIST_PORT_MIN": str(self.ctl_port_min),
+                "RABBITMQ_CTL_DIST_PORT_MAX": str(self.ctl_port_min + _CTL_PORTS - 1),
+                "RABBITMQ_MNESIA_BASE": str(b / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(b / "log"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(b / "enabled_plugins"),
+                "RABBITMQ_CONFIG_FILE": str(b / "rabbitmq.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(b / "advanced.config"),
+                "RABBITMQ_CONF_ENV_FILE": str(b / "rabbitmq-env.conf"),
+                "RABBITMQ_PID_FILE": str(b / "rabbitmq.pid"),
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": loopback_dist,
+                "RABBITMQ_CTL_ERL_ARGS": loopback_dist,
+            }
+        )
+        return env
+
+    def _prepare_dirs(self) -> None:
+        for sub in ("home", "mnesia", "log"):
+            (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        cookie = self.home / ".erlang.cookie"
+        if not cookie.exists():
+            letters = string.ascii_uppercase
+            cookie.write_text("".join(secrets.choice(letters) for _ in range(32)))
+        cookie.chmod(0o400)
+        (self.base_dir / "enabled_plugins").write_text("[].\n")
+        (self.base_dir / "rabbitmq-env.conf").write_text("")  # shadows /etc/rabbitmq's
+        conf = [
+            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
+            "loopback_users = none",
+            *self.config,
+        ]
+        (self.base_dir / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        """True while the server process we started is alive."""
+        return self._server is not None and self._server.poll() is None
+
+    def start(self, timeout: float | None = None) -> RabbitNode:
+        """Start the node (again, after ``stop()`` or ``kill()``) and wait until AMQP answers."""
+        with self._lock:
+            if self.is_running():
+                return self
+            deadline = _Deadline(timeout or self.start_timeout)
+            try:
+                self._prepare_dirs()
+                with _live_lock:
+                    _live_nodes.add(self)
+                self._ensure_watchdog()
+                self._ensure_epmd(deadline)
+                with open(self.server_log, "ab") as log:
+                    log.write(f"\n{_START_MARK} {time.strftime('%H:%M:%S')} ===\n".encode())
+                    log.flush()
+                    self._server = subprocess.Popen(
+                        [str(self._server_script)],
+                        env=self._env("server"),
+                        cwd=self.base_dir,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                self._wait_registered(deadline)
+                wait = int(deadline.remaining(1))
+                self.ctl("await_startup", "--timeout", str(wait), timeout=wait + 5)
+                self._wait_amqp(deadline)
+            except BaseException as e:
+                detail = self._logs()
+                with contextlib.suppress(Exception):
+                    self._kill_everything()
+                if isinstance(e, Exception):
+                    raise RabbitNodeError(f"{self.nodename} did not start: {e}\n{detail}") from e
+                raise
+            return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the node gracefully (SIGKILL what lingers), then its epmd. Idempotent."""
+        with self._lock:
+            deadline = _Deadline(timeout)
+            server = self._server
+            if server is not None and server.poll() is None:
+                with contextlib.suppress(RabbitNodeError, OSError):
+                    self.ctl("stop", timeout=deadline.remaining(1))
+                try:
+                    server.wait(timeout=deadline.remaining(0.1))
+                except subprocess.TimeoutExpired:
+                    # The script's TERM trap stops the VM gracefully; SIGKILL if that fails.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(server.pid, signal.SIGTERM)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        server.wait(timeout=min(10.0, deadline.remaining(0.1)))
+            self._kill_everything()
+
+    def kill(self) -> None:
+        """SIGKILL the broker's processes (a crash: "kill -9"); ``start()`` brings it back."""
+        with self._lock:
+            _kill_marked(f"{self._tag}:server")
+            if self._server is not None:
+                self._server.wait(timeout=10)
+            # The VM's epmd connection closed with it, so the name is free again at once.
+
+    def _kill_everything(self) -> None:
+        """Kill the server, any rabbitmqctl in flight and epmd; disarm the watchdog."""
+        _kill_marked(f"{self._tag}:")
+        for proc in (self._server, self._epmd):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        self._server = self._epmd = None
+        self._disarm_watchdog()
+        with _live_lock:
+            _live_nodes.discard(self)
+
+    def _ensure_epmd(self, deadline: _Deadline) -> None:
+        if self._epmd is not None and self._epmd.poll() is None:
+            return
+        with open(self.base_dir / "epmd.log", "ab") as log:
+            self._epmd = subprocess.Popen(
+                [str(self._epmd_binary), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                env=self._env("epmd"),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while _epmd_names(self.epmd_port) is None:
+            if self._epmd.poll() is not None or deadline.expired:
+                raise RabbitNodeError(
+                    f"epmd on port {self.epmd_port} did not start:\n"
+                    + _tail(self.base_dir / "epmd.log")
+                )
+            time.sleep(0.02)
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            return
+        # Its own session: a Ctrl-C in the terminal must not kill it before the node.
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), "_watchdog", self._tag],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _disarm_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(b"disarm\n")
+            watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+
+    def _check_alive(self) -> None:
+        if self._server is None or self._server.poll() is not None:
+            rc = None if self._server is None else self._server.returncode
+            raise RabbitNodeError(f"the node exited (rabbitmq-server script status {rc})")
+
+    def _wait_registered(self, deadline: _Deadline) -> None:
+        short = self.nodename.split("@")[0]
+        while short not in (_epmd_names(self.epmd_port) or []):
+            self._check_alive()
+            if deadline.expired:
+                raise RabbitNodeError(f"not registered with epmd after {deadline.seconds} s")
+            time.sleep(0.1)
+
+    def _wait_amqp(self, deadline: _Deadline) -> None:
+        while not _amqp_answers(self.amqp_port):
+            self._check_alive()
+            if deadline.expired:
+                raise RabbitNodeError(
+                    f"AMQP port {self.amqp_port} silent after {deadline.seconds} s"
+                )
+            time.sleep(0.05)
+
+    def _logs(self) -> str:
+        parts = []
+        errors = _first_errors(self.server_log, since=_START_MARK)
+        if errors:
+            parts.append(f"--- {self.server_log} (first errors) ---\n{errors}")
+        parts.append(f"--- {self.server_log} (tail) ---\n{_tail(self.server_log, 25)}")
+        if self.node_log.exists():
+            parts.append(f"--- {self.node_log} (tail) ---\n{_tail(self.node_log, 25)}")
+        return "\n".join(parts)
+
+    def leftover_pids(self) -> list[int]:
+        """Pids of live processes this node spawned (server, epmd, rabbitmqctl)."""
+        return _pids_with_marker(f"{self._tag}:")
+
+    def __enter__(self) -> RabbitNode:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- the broker application -------------------------------------------------------------
+
+    def stop_app(self, timeout: float = 30.0) -> None:
+        """Stop the RabbitMQ application (connections drop, the VM stays up)."""
+        self.ctl("stop_app", timeout=timeout)
+
+    def start_app(self, timeout: float = 60.0) -> None:
+        """Start the RabbitMQ application and wait until AMQP answers again."""
+        deadline = _Deadline(timeout)
+        self.ctl("start_app", timeout=deadline.remaining(1))
+        self._wait_amqp(deadline)
+
+    def restart_app(self, timeout: float = 60.0) -> None:
+        """``stop_app`` then ``start_app``: durable queues and persistent messages remain."""
+        deadline = _Deadline(timeout)
+        self.stop_app(timeout=deadline.remaining(1))
+        self.start_app(timeout=deadline.remaining(1))
+
+    # -- rabbitmqctl ------------------------------------------------------------------------
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> str:
+        """Run ``rabbitmqctl -n NODE ARGS`` with this node's environment; return stdout."""
+        # rabbitmqctl starts an "epmd -daemon" on ERL_EPMD_PORT when none answers there
+        # (even with -start_epmd false), so never run it without our epmd.
+        if self._epmd is None or self._epmd.poll() is not None:
+            raise RabbitNodeError(f"{self.nodename} is not started")
+        argv = [str(self._ctl_script), "-n", self.nodename, *args]
+        proc = subprocess.Popen(
+            argv,
+            env=self._env("ctl"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise CtlError(
+                args, None, out.decode(errors="replace"), err.decode(errors="replace")
+            ) from e
+        if proc.returncode != 0:
+            raise CtlError(
+                args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+            )
+        return out.decode(errors="replace")
+
+    def _ctl_json(self, *args: str, timeout: float = 30.0) -> object:
+        return json.loads(self.ctl(*args, "--formatter", "json", timeout=timeout))
+
+    def list_queues(self, vhost: str = "/") -> dict[str, QueueStats]:
+        """Queue name -> counts, read from the queue processes (no statistics delay)."""
+        fields = ("messages_ready", "messages_unacknowledged", "consumers")
+        rows = self._ctl_json("list_queues", "-q", "-p", vhost, "name", *fields)
+        assert isinstance(rows, list)
+        return {r["name"]: QueueStats(*(int(r[f]) for f in fields)) for r in rows}
+
+    def list_connections(self) -> list[ConnectionInfo]:
+        """Client connections on this node, in all vhosts."""
+        # JSON shows pids as "#PID<…>", which close_connection does not accept; the table
+        # format prints them as "<node.N.M.K>". Client properties come from JSON.
+        fields = ("pid", "name", "user", "vhost", "state", "peer_port")
+        table = self.ctl("list_connections", "-q", "--no-table-headers", *fields)
+        rows = json.loads(
+            self.ctl("list_connections", "-q", "--formatter", "json", "name", "client_properties")
+        )
+        client_names: dict[str, str | None] = {}
+        for row in rows:
+            props = {p[0]: p[2] for p in row.get("client_properties") or []}
+            client_names[row["name"]] = props.get("connection_name")
+        conns = []
+        for line in table.splitlines():
+            if not line.strip():
+                continue
+            pid, name, user, vhost, state, peer_port = line.split("\t")
+            conns.append(
+                ConnectionInfo(
+                    pid, name, user, vhost, state, int(peer_port), client_names.get(name)
+                )
+            )
+        return conns
+
+    def close_connection(self, conn: ConnectionInfo | str, reason: str = "closed by test") -> None:
+        """Close one connection (given as ConnectionInfo or Erlang pid) with CONNECTION_FORCED."""
+        pid = conn.pid if isinstance(conn, ConnectionInfo) else conn
+        self.ctl("close_connection", pid, reason)
+
+    def close_all_connections(self, reason: str = "closed by test") -> None:
+        """Close every client connection in every vhost with 320 CONNECTION_FORCED."""
+        self.ctl("close_all_connections", "--global", reason)
+
+    def add_user(self, user: str, password: str) -> None:
+        self.ctl("add_user", user, password)
+
+    def add_vhost(self, name: str) -> None:
+        self.ctl("add_vhost", name)
+
+    def set_permissions(
+        self, vhost: str, user: str, conf: str = ".*", write: str = ".*", read: str = ".*"
+    ) -> None:
+        self.ctl("set_permissions", "-p", vhost, user, conf, write, read)
+
+    def delete_queue(self, name: str, vhost: str = "/") -> None:
+        """Delete a queue; its consumers get ``basic.cancel`` (ConsumerCancelled in pika)."""
+        self.ctl("delete_queue", "-p", vhost, name)
+
+    def alarms(self) -> list[str]:
+        """Resources currently in alarm, e.g. ``["memory"]``."""
+        status = self._ctl_json("status")
+        assert isinstance(status, dict)
+        return sorted(a["resource"] for a in status.get("alarms") or [])
+
+    def set_memory_alarm(self, on: bool, timeout: float = 10.0) -> None:
+        """Raise (watermark 0) or clear (watermark 0.4) a memory alarm; wait until it shows."""
+        deadline = _Deadline(timeout)
+        self.ctl("set_vm_memory_high_watermark", "0" if on else _DEFAULT_WATERMARK)
+        while ("memory" in self.alarms()) != on:
+            if deadline.expired:
+                raise RabbitNodeError(f"memory alarm not {'on' if on else 'off'} in {timeout} s")
+            time.sleep(0.1)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+class _StopRequested(BaseException):
+    """Raised by the signal handler while a node is starting."""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not _port_is_free(args.port):
+        print(f"rabbitmq.py: port {args.port} on 127.0.0.1 is already in use", file=sys.stderr)
+        return 2
+    base = Path(args.dir or f".tmp/rabbitmq-{args.port}")
+    # A fixed node name keeps durable queues from one run to the next.
+    node = RabbitNode(
+        base, amqp_port=args.port, nodename=f"local-{args.port}", config=args.config or ()
+    )
+    stop = threading.Event()
+    starting = True
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        if starting:
+            raise _StopRequested
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    parent = os.getppid()
+    try:
+        node.start()
+        starting = False
+        print(
+            f"RabbitMQ {node.nodename} listening on {node.url()} (data in {node.base_dir})",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                print("rabbitmq.py: parent process died, stopping", file=sys.stderr)
+                break
+            if not node.is_running():
+                print(f"rabbitmq.py: the node died\n{node._logs()}", file=sys.stderr)
+                return 1
+    except _StopRequested:
+        pass
+    except RabbitNodeError as e:
+        print(f"rabbitmq.py: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        node.stop()
+    return 0
+
+
+def _watchdog(tag: str) -> int:
+    """Wait for the owner to disarm us or die; if it dies, kill everything marked ``tag``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if sys.stdin.buffer.read().endswith(b"disarm\n"):
+        return 0
+    _kill_marked(f"{tag}:", wait=30)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rabbitmq.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a private node in the foreground until signalled")
+    serve.add_argument("--port", type=int, default=5672, help="AMQP port on 127.0.0.1")
+    serve.add_argument("--dir", help="data directory (default .tmp/rabbitmq-PORT)")
+    serve.add_argument(
+        "--config", action="append", metavar="LINE", help="extra rabbitmq.conf line (repeatable)"
+    )
+    watchdog = sub.add_parser("_watchdog")  # internal, see RabbitNode._ensure_watchdog
+    watchdog.add_argument("tag")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _watchdog(args.tag)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
