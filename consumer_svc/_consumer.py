@@ -8,6 +8,7 @@ redeliver, even if its handler later succeeds.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,9 @@ from ._message import Message
 from ._settings import Settings
 
 log = Logger(namespace="consumer_svc.consumer")
+
+#: A non-blocking handler that holds the reactor this long (seconds) is warned about.
+STALL_WARNING = 1.0
 
 
 class ConsumerState(enum.Enum):
@@ -52,7 +56,9 @@ class Delivery:
     channel: Channel
     message: Message
     result: Deferred[Any] | None = None
-    requeue_timer: IDelayedCall | None = None
+    #: The --handler-timeout, or the --requeue-delay once the handler failed.
+    timer: IDelayedCall | None = None
+    timed_out: bool = False
     #: Set at the shutdown deadline: whatever the handler does next is ignored.
     abandoned: bool = False
 
@@ -71,6 +77,8 @@ class Consumer:
     #: Called when the channel or the subscription is lost while the
     #: connection stays up; the owner recovers (reconnects).
     on_lost: Callable[[str], None]
+    #: Real elapsed time, to catch handlers that hold the reactor.
+    monotonic: Callable[[], float] = time.monotonic
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     consumer_tag: str | None = None
@@ -181,12 +189,21 @@ class Consumer:
         )
         delivery = Delivery(channel, message)
         self.inflight.add(delivery)
+        started = self.monotonic()
         try:
             result = self.invoke(message)
         except Exception:
             self._failed(Failure(), delivery)
             return
+        finally:
+            held = self.monotonic() - started
+            if held >= STALL_WARNING and not self.invoke.blocking:
+                self._warn_stall(held, tag)
         if isinstance(result, Deferred):
+            if not result.called:
+                delivery.timer = self.clock.callLater(
+                    self.settings.handler_timeout, self._timed_out, delivery
+                )
             delivery.result = result
             result.addCallbacks(
                 self._succeeded, self._failed, callbackArgs=(delivery,), errbackArgs=(delivery,)
@@ -194,14 +211,46 @@ class Consumer:
         else:
             self._settle(delivery, Outcome.ACK)
 
+    def _warn_stall(self, held: float, tag: int) -> None:
+        log.warn(
+            "Handler {handler} blocked the reactor for {held:.1f}s on message {tag}: heartbeats "
+            "and all other messages waited (after two missed heartbeats, {limit}s here, the broker "
+            "drops the connection); return a Deferred or a coroutine, or mark it @consumer_svc.blocking",
+            handler=self.invoke.name,
+            held=held,
+            tag=tag,
+            limit=2 * self.settings.heartbeat,
+            stall_seconds=held,
+        )
+
+    def _timed_out(self, delivery: Delivery) -> None:
+        delivery.timer = None
+        delivery.timed_out = True
+        assert delivery.result is not None
+        # Our errback sees the CancelledError and treats it as a failure.
+        delivery.result.cancel()
+
     def _succeeded(self, _result: object, delivery: Delivery) -> None:
         if not delivery.abandoned:
+            self._stop_timer(delivery)
             self._settle(delivery, Outcome.ACK)
 
     def _failed(self, failure: Failure, delivery: Delivery) -> None:
         if delivery.abandoned:
             return
+        self._stop_timer(delivery)
         tag = delivery.message.delivery_tag
+        if delivery.timed_out:
+            log.warn(
+                "Handler {handler} timed out after {timeout:g}s on message {tag} and was "
+                "cancelled (--handler-timeout); requeueing it in {delay:g}s",
+                handler=self.invoke.name,
+                timeout=self.settings.handler_timeout,
+                tag=tag,
+                delay=self.settings.requeue_delay,
+            )
+            self._requeue_later(delivery)
+            return
         if failure.check(Reject):
             log.warn(
                 "Handler {handler} rejected message {tag}: {reason}; not requeued",
@@ -211,25 +260,32 @@ class Consumer:
             )
             self._settle(delivery, Outcome.REJECT)
             return
-        delay = self.settings.requeue_delay
         log.failure(
             "Handler {handler} failed on message {tag}; requeueing it in {delay:g}s",
             failure,
             handler=self.invoke.name,
             tag=tag,
-            delay=delay,
+            delay=self.settings.requeue_delay,
         )
+        self._requeue_later(delivery)
+
+    def _requeue_later(self, delivery: Delivery) -> None:
+        delay = self.settings.requeue_delay
         if self.state is ConsumerState.DRAINING or delay <= 0:
             self._settle(delivery, Outcome.REQUEUE)
         else:
             # Held back briefly so that a failing handler never spins hot.
-            delivery.requeue_timer = self.clock.callLater(
-                delay, self._settle, delivery, Outcome.REQUEUE
-            )
+            delivery.timer = self.clock.callLater(delay, self._settle, delivery, Outcome.REQUEUE)
+
+    @staticmethod
+    def _stop_timer(delivery: Delivery) -> None:
+        if delivery.timer is not None and delivery.timer.active():
+            delivery.timer.cancel()
+        delivery.timer = None
 
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         self.inflight.discard(delivery)
-        delivery.requeue_timer = None
+        delivery.timer = None
         channel = delivery.channel
         tag = delivery.message.delivery_tag
         if channel is self.channel and channel.is_open:
@@ -261,9 +317,9 @@ class Consumer:
             self.channel.cancel(self.consumer_tag).addErrback(lambda _: None)
             self.consumer_tag = None
         for delivery in list(self.inflight):
-            timer = delivery.requeue_timer
-            if timer is not None and timer.active():
-                timer.cancel()
+            if delivery.result is None or delivery.result.called:
+                # Its handler is done and failed: it only waits out --requeue-delay.
+                self._stop_timer(delivery)
                 self._settle(delivery, Outcome.REQUEUE)
         if not self.inflight:
             self.state = ConsumerState.STOPPED
@@ -281,8 +337,7 @@ class Consumer:
         for delivery in list(self.inflight):
             delivery.abandoned = True
             self.abandoned += 1
-            if delivery.requeue_timer is not None and delivery.requeue_timer.active():
-                delivery.requeue_timer.cancel()
+            self._stop_timer(delivery)
             if delivery.result is not None:
                 try:
                     # Our own errback sees the CancelledError and ignores it.

@@ -90,6 +90,8 @@ class ConsumerService(Service):
         self.handler = handler
         self.state = State.STOPPED
         self.exit_status: ExitStatus | None = None
+        #: The broker blocked our connection (a resource alarm): publishing waits.
+        self.blocked = False
         self._reactor = reactor
         self._random = random
         self._exit = exit or functools.partial(exit_process, reactor=reactor)
@@ -214,6 +216,7 @@ class ConsumerService(Service):
     def amqp_lost(self, connection: AMQPConnection | None, cause: Cause) -> None:
         if connection is not None and connection is self._connection:
             self._connection = None
+            self.blocked = False
         self.consumer.detach()
         if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
             log.debug("Connection closed: {cause}", cause=str(cause))
@@ -238,6 +241,7 @@ class ConsumerService(Service):
         log.info("Reconnecting in {delay:.1f}s (attempt {attempt})", delay=delay, attempt=attempt)
 
     def amqp_blocked(self, blocked: bool, reason: str) -> None:
+        self.blocked = blocked
         if blocked:
             log.warn("The broker blocked the connection: {reason}", reason=reason)
         else:

@@ -206,6 +206,12 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(0.01, 3600),
     ),
     Option(
+        "handler-timeout",
+        "600",
+        "Seconds a handler may run before it is cancelled and its message requeued.",
+        _seconds(0.001, 86400),
+    ),
+    Option(
         "requeue-delay",
         "1",
         "Seconds a failed message is held before it is requeued.",
@@ -253,6 +259,7 @@ class Settings:
     reconnect_initial: float = 1.0
     reconnect_max: float = 30.0
     requeue_delay: float = 1.0
+    handler_timeout: float = 600.0
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     exchange: str | None = None
     exchange_type: str = "direct"

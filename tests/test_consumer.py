@@ -260,3 +260,42 @@ def test_a_broker_cancel_is_reported(state_after: ConsumerState) -> None:
     channel.on_cancelled()
     assert consumer.state is state_after
     assert lost == ["the broker cancelled the consumer of queue 'q'"]
+
+
+def test_a_handler_past_its_timeout_is_cancelled_and_requeued() -> None:
+    """--handler-timeout cancels a pending handler, counts it as failed and requeues its message."""
+    pending: Deferred[None] = Deferred()
+    consumer, channel, clock, _ = consuming(lambda m: pending)
+    channel.deliver(1)
+    clock.advance(SETTINGS.handler_timeout - 0.1)
+    assert not pending.called
+    clock.advance(0.1)
+    assert pending.called  # cancelled
+    assert channel.settled == []
+    clock.advance(SETTINGS.requeue_delay)
+    assert channel.settled == [("requeue", 1)]
+    assert not consumer.inflight
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_handler_holding_the_reactor_is_named_in_a_warning() -> None:
+    """A synchronous call that holds the reactor for over a second is logged with the handler's name."""
+    from twisted.logger import LogEvent, globalLogPublisher
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        now = [0.0]
+
+        def hog(message: Message) -> None:
+            now[0] += 7.0  # seven seconds of the reactor's time
+
+        consumer, channel, _, _ = consuming(hog)
+        consumer.monotonic = lambda: now[0]
+        channel.deliver(1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [stall] = [e for e in events if "stall_seconds" in e]
+    assert stall["handler"] == "tests.handler"
+    assert stall["stall_seconds"] == 7.0
+    assert channel.settled == [("ack", 1)]
