@@ -22,6 +22,9 @@ from rabbitmq import RabbitNode
 
 RabbitFactory = Callable[..., RabbitNode]
 
+# Fixtures for running the service in-process (logs, services, figures) and as twistd.
+pytest_plugins = ["service_support", "twistd_support"]
+
 
 @pytest.fixture(scope="session")
 def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:

@@ -304,9 +304,13 @@ class RabbitNode:
         amqp_port: int | None = None,
         nodename: str | None = None,
         start_timeout: float = 60.0,
+        advanced: str = "",
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.config = tuple(config)
+        #: Erlang terms for advanced.config, for settings rabbitmq.conf cannot express,
+        #: e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}].``
+        self.advanced = advanced
         self.nodename = nodename or f"rmq-{secrets.token_hex(4)}@localhost"
         if "@" not in self.nodename:
             self.nodename += "@localhost"
@@ -397,6 +401,11 @@ class RabbitNode:
             cookie.write_text("".join(secrets.choice(letters) for _ in range(32)))
         cookie.chmod(0o400)
         (self.base_dir / "enabled_plugins").write_text("[].\n")
+        advanced = self.base_dir / "advanced.config"
+        if self.advanced:
+            advanced.write_text(self.advanced.strip() + "\n")
+        elif advanced.exists():
+            advanced.unlink()
         (self.base_dir / "rabbitmq-env.conf").write_text("")  # shadows /etc/rabbitmq's
         conf = [
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",

@@ -8,138 +8,27 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 import pytest_twisted
-from amqp_tools import publish
 from rabbitmq import RabbitNode
+from service_support import (
+    Logs,
+    Recorder,
+    queue_settles,
+    ready_and_unacked,
+    send,
+    settings_for,
+    sleep,
+)
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
-from waiting import eventually, within
+from waiting import eventually
 
 import consumer_svc
 from consumer_svc import ExitStatus, Message, Reject
-from consumer_svc._service import ConsumerService, State
-from consumer_svc._settings import Settings, parse_url
-
-
-class Recorder:
-    """A handler that records what it handled, and behaves as the test asks."""
-
-    def __init__(self, behaviour: Callable[[Message], Any] = lambda m: None) -> None:
-        self.behaviour = behaviour
-        self.bodies: list[bytes] = []
-        self.redelivered: list[bool] = []
-
-    def __call__(self, message: Message) -> Any:
-        self.bodies.append(message.body)
-        self.redelivered.append(message.redelivered)
-        return self.behaviour(message)
-
-    def count(self) -> Counter[bytes]:
-        return Counter(self.bodies)
-
-
-class Logs:
-    """Captures formatted log lines while a test runs."""
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def lines(self) -> list[str]:
-        return [formatEvent(e) for e in self.events]
-
-    def text(self) -> str:
-        return "\n".join(self.lines())
-
-
-@pytest.fixture
-def logs() -> Any:
-    captured = Logs()
-    globalLogPublisher.addObserver(captured)
-    yield captured
-    globalLogPublisher.removeObserver(captured)
-
-
-def settings_for(url: str, queue: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "url": parse_url(url),
-        "queue": queue,
-        "heartbeat": 5,
-        "reconnect_initial": 0.2,
-        "reconnect_max": 1.0,
-        "requeue_delay": 0.1,
-        "shutdown_timeout": 5.0,
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-class Running:
-    """A started service, its recorded exits, and a bounded stop."""
-
-    def __init__(self, settings: Settings, handler: Callable[[Message], Any]) -> None:
-        self.exits: list[ExitStatus] = []
-        self.service = ConsumerService(settings, handler, exit=self.exits.append)
-        self.service.startService()
-
-    async def consuming(self, timeout: float = 20) -> None:
-        await eventually(
-            lambda: self.service.state is State.CONSUMING,
-            timeout=timeout,
-            what="the service to consume",
-        )
-
-    async def stop(self) -> None:
-        if self.service.running:
-            await within(60, self.service.stopService())
-
-
-@pytest.fixture
-def services() -> Any:
-    """Starts services on demand and stops every one of them at the end."""
-    started: list[Running] = []
-
-    def start(settings: Settings, handler: Callable[[Message], Any]) -> Running:
-        run = Running(settings, handler)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        if run.service.running:
-            pytest_twisted.blockon(within(60, run.service.stopService()))
-
-
-def ready_and_unacked(node: RabbitNode, queue: str) -> tuple[int, int]:
-    stats = node.list_queues().get(queue)
-    return (stats.messages_ready, stats.messages_unacknowledged) if stats else (-1, -1)
-
-
-async def queue_settles(node: RabbitNode, queue: str, ready: int = 0, timeout: float = 20) -> None:
-    """Wait until the queue holds ``ready`` messages and none unacked."""
-    await eventually(
-        lambda: ready_and_unacked(node, queue) == (ready, 0),
-        timeout=timeout,
-        what=f"queue {queue} to hold {ready} ready and 0 unacked",
-        blocking=True,
-    )
-
-
-async def send(node: RabbitNode, queue: str, bodies: list[bytes], **kwargs: Any) -> None:
-    await deferToThread(publish, node.url(), queue, bodies, **kwargs)
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return task.deferLater(reactor, seconds, lambda: None)
-
+from consumer_svc._service import State
 
 # -- consuming
 

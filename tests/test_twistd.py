@@ -2,87 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from amqp_tools import publish
 from rabbitmq import RabbitNode
+from twistd_support import TWISTD, Twistd
 from waiting import poll_until
 
 import consumer_svc
-
-TESTS = Path(__file__).parent
-TWISTD = str(Path(sys.executable).with_name("twistd"))
-
-
-class Twistd:
-    """A `twistd -n consumer` subprocess with its log in a file."""
-
-    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.log = tmp / "twistd.log"
-        self.record = tmp / "record.txt"
-        self.record.touch()
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
-        environ.update({"RECORD": str(self.record), "PYTHONPATH": str(TESTS)}, **(env or {}))
-        self._out = open(self.log, "wb")  # noqa: SIM115 (closed in wait)
-        self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "consumer", *args],
-            cwd=tmp,
-            env=environ,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def records(self, outcome: str) -> list[str]:
-        return [
-            line.split(" ", 1)[1]
-            for line in self.record.read_text().splitlines()
-            if line.startswith(outcome + " ")
-        ]
-
-    def wait_for_log(self, text: str, timeout: float) -> None:
-        poll_until(
-            lambda: text in self.text() or self.process.poll() is not None,
-            timeout,
-            message=f"{text!r} in the log",
-        )
-        assert text in self.text(), self.text()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._out.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self._out.close()
-
-
-@pytest.fixture
-def twistd(tmp_path: Path) -> Iterator[type[Twistd]]:
-    started: list[Twistd] = []
-
-    def start(args: list[str], env: dict[str, str] | None = None) -> Twistd:
-        process = Twistd(tmp_path, args, env)
-        started.append(process)
-        return process
-
-    yield start  # type: ignore[misc]
-    for process in started:
-        process.kill()
 
 
 def test_the_plugin_is_installed() -> None:
@@ -99,7 +30,7 @@ def counts(node: RabbitNode, queue: str) -> tuple[int, int]:
 
 
 def test_sigterm_finishes_in_flight_messages_and_exits(
-    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd]
 ) -> None:
     """On SIGTERM, running handlers finish and are acked, the rest stay queued, and twistd exits before its deadline."""
     publish(rabbit.url(), queue_name, [f"job{i}".encode() for i in range(10)])
@@ -136,7 +67,7 @@ def test_sigterm_finishes_in_flight_messages_and_exits(
 
 
 def test_the_shutdown_deadline_hands_back_what_is_still_running(
-    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd]
 ) -> None:
     """Handlers that never finish are cut off at --shutdown-timeout and their messages go back to the queue."""
     publish(rabbit.url(), queue_name, [b"a", b"b", b"c"])
@@ -163,7 +94,7 @@ def test_the_shutdown_deadline_hands_back_what_is_still_running(
 
 
 def test_a_stuck_blocking_handler_does_not_hold_the_process(
-    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd]
 ) -> None:
     """A @blocking handler still sleeping at the deadline is abandoned; the process exits and the message is requeued."""
     publish(rabbit.url(), queue_name, [b"stuck"])
@@ -188,7 +119,7 @@ def test_a_stuck_blocking_handler_does_not_hold_the_process(
 
 
 def test_wrong_credentials_exit_77_with_one_line(
-    rabbit: RabbitNode, queue_name: str, twistd: type[Twistd]
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd]
 ) -> None:
     """A refused login is one log line without a traceback or the password, and exit status 77."""
     run = twistd(["--queue", queue_name], env={"AMQP_URL": rabbit.url(password="hunter2-secret")})
@@ -210,7 +141,7 @@ def test_wrong_credentials_exit_77_with_one_line(
     ],
 )  # fmt: skip
 def test_bad_input_stops_before_connecting(
-    args: list[str], env: dict[str, str], status: int, says: str, twistd: type[Twistd]
+    args: list[str], env: dict[str, str], status: int, says: str, twistd: Callable[..., Twistd]
 ) -> None:
     """A handler that cannot be imported or a bad value is one line on stderr and a documented status."""
     run = twistd(["--url", "amqp://guest:guest@127.0.0.1:1/", *args], env=env)
