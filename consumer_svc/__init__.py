@@ -4,9 +4,17 @@ Handler authors need only these names; run the service with
 ``twistd consumer --queue NAME --handler package.module:function``.
 """
 
-from ._errors import ExitStatus, Reject, UndecodableBody
+from ._errors import ExitStatus, PublishFailed, Reject, Retry, UndecodableBody
 from ._handler import blocking
 from ._message import Message
 
-__all__ = ["ExitStatus", "Message", "Reject", "UndecodableBody", "blocking"]
+__all__ = [
+    "ExitStatus",
+    "Message",
+    "PublishFailed",
+    "Reject",
+    "Retry",
+    "UndecodableBody",
+    "blocking",
+]
 __version__ = "0.1.0"

@@ -427,8 +427,9 @@ class Channel:
         return d
 
     def declare_queue(
-        self, queue: str, *, passive: bool, arguments: Mapping[str, Any]
+        self, queue: str, *, passive: bool = False, arguments: Mapping[str, Any]
     ) -> Deferred[Any]:
+        """Declare a durable queue (or, passively, check that it exists)."""
         d: Deferred[Any] = self._twisted.queue_declare(
             queue=queue, passive=passive, durable=True, arguments=dict(arguments) or None
         )
@@ -449,6 +450,30 @@ class Channel:
     def qos(self, prefetch: int) -> Deferred[Any]:
         # Per consumer, never global: RabbitMQ 4.3 rejects global QoS.
         d: Deferred[Any] = self._twisted.basic_qos(prefetch_count=prefetch, global_qos=False)
+        return d
+
+    def confirm(self) -> Deferred[Any]:
+        """Put the channel in publisher-confirm mode."""
+        d: Deferred[Any] = self._twisted.confirm_delivery()
+        return d
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.BasicProperties | None,
+        *,
+        mandatory: bool,
+    ) -> Deferred[Any]:
+        """Publish; in confirm mode the Deferred fires on the broker's ack."""
+        d: Deferred[Any] = self._twisted.basic_publish(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=body,
+            properties=properties,
+            mandatory=mandatory,
+        )
         return d
 
     def consume(

@@ -1,12 +1,15 @@
-"""The consumer: sets up a channel, hands deliveries to the handler, settles each one.
+"""The consumer: sets up the channels, hands deliveries to the handler, settles each one.
 
-A message is acked only after its handler succeeded, and only on the channel
-it came from: a delivery whose channel died is left for the broker to
-redeliver, even if its handler later succeeds.
+A message is acked only after its handler succeeded (and every publish the
+handler made was confirmed), or after a confirmed copy of it was parked in a
+retry queue or the dead-letter queue. Acks go only to the channel the message
+came from: a delivery whose channel died is left for the broker to redeliver,
+even if its handler later succeeds.
 """
 
 from __future__ import annotations
 
+import copy
 import enum
 import time
 from collections.abc import Callable
@@ -14,39 +17,63 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pika import exceptions as pika_errors
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._amqp import AMQPConnection, Channel
-from ._errors import AccessRefused, Reject, TopologyMismatch
+from ._errors import AccessRefused, Reject, Retry, TopologyMismatch
 from ._handler import Invoker
 from ._message import Message
+from ._publisher import Publisher
+from ._retry import (
+    Action,
+    Decision,
+    RetryPolicy,
+    dead_letter_headers,
+    describe_failure,
+    retries_of,
+    retry_headers,
+    retry_queue,
+)
 from ._settings import Settings
 
 log = Logger(namespace="consumer_svc.consumer")
 
 #: A non-blocking handler that holds the reactor this long (seconds) is warned about.
 STALL_WARNING = 1.0
+#: Seconds a message is held before it is handed back when it could not be parked.
+HAND_BACK_PAUSE = 1.0
 
 
 class ConsumerState(enum.Enum):
     """Where the consumer is."""
 
     IDLE = "idle"  # no channel
-    SETTING_UP = "setting up"  # channel opening, declaring, subscribing
+    SETTING_UP = "setting up"  # channels opening, declaring, subscribing
     CONSUMING = "consuming"
     DRAINING = "draining"  # stopping: no new messages, waiting for in-flight ones
     STOPPED = "stopped"
 
 
-class Outcome(enum.Enum):
-    """What happens to a message once its handler is done."""
+class Phase(enum.Enum):
+    """Where one message is between its arrival and its settlement."""
 
-    ACK = "acked"
-    REJECT = "rejected"  # basic.reject, no requeue: dropped or dead-lettered by the broker
-    REQUEUE = "requeued"  # basic.nack with requeue: delivered again
+    HANDLING = "handling"  # the handler runs
+    PUBLISHING = "publishing"  # waiting for confirms: the handler's publishes, or its parked copy
+    HOLDING = "holding"  # could not be parked: held briefly, then handed back
+    SETTLED = "settled"
+
+
+class Outcome(enum.Enum):
+    """How a message left us (the names are the metrics' outcome labels)."""
+
+    ACKED = "acked"  # the handler succeeded
+    RETRIED = "retried"  # acked once a confirmed copy waits in a retry queue
+    DEAD_LETTERED = "dead_lettered"  # acked once a confirmed copy is in the dead-letter queue
+    REJECTED = "rejected"  # basic.reject + requeue: it failed and could not be parked
+    REQUEUED = "requeued"  # basic.nack + requeue: not processed (stopping, deadline)
 
 
 @dataclass(eq=False)
@@ -55,16 +82,17 @@ class Delivery:
 
     channel: Channel
     message: Message
+    phase: Phase = Phase.HANDLING
     result: Deferred[Any] | None = None
-    #: The --handler-timeout, or the --requeue-delay once the handler failed.
+    #: The --handler-timeout while handling; the pause while holding.
     timer: IDelayedCall | None = None
     timed_out: bool = False
-    #: Set at the shutdown deadline: whatever the handler does next is ignored.
+    #: Set at the shutdown deadline: whatever happens to it next is ignored.
     abandoned: bool = False
 
 
 class SetupFailed(Exception):
-    """Setting up the channel failed in a way that a reconnect may fix."""
+    """Setting up the channels failed in a way that a reconnect may fix."""
 
 
 @dataclass
@@ -74,35 +102,50 @@ class Consumer:
     settings: Settings
     invoke: Invoker
     clock: IReactorTime
-    #: Called when the channel or the subscription is lost while the
+    #: Called when a channel or the subscription is lost while the
     #: connection stays up; the owner recovers (reconnects).
     on_lost: Callable[[str], None]
     #: Real elapsed time, to catch handlers that hold the reactor.
     monotonic: Callable[[], float] = time.monotonic
+    #: Called with each settled message's outcome (metrics).
+    on_outcome: Callable[[Outcome], None] = lambda outcome: None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     consumer_tag: str | None = None
     inflight: set[Delivery] = field(default_factory=set)
     #: Deliveries handed back at the shutdown deadline while their handler ran on.
     abandoned: int = 0
+    publisher: Publisher = field(init=False)
+    policy: RetryPolicy = field(init=False)
+    _declared: set[str] = field(default_factory=set)
     _drained: Deferred[None] | None = None
     _deadline: IDelayedCall | None = None
+
+    def __post_init__(self) -> None:
+        self.publisher = Publisher(self.clock, self.settings.publish_timeout)
+        self.policy = RetryPolicy(self.settings.max_retries, self.settings.retry_delay)
 
     # -- setting up
 
     @inlineCallbacks
     def attach(self, connection: AMQPConnection) -> Any:
-        """Open a channel, declare the topology, set QoS and subscribe.
+        """Open the channels, declare the topology, set QoS and subscribe.
 
         Fails with a `FatalError` for what retrying cannot fix (permissions,
         mismatched arguments) and with `SetupFailed` otherwise.
         """
         self.state = ConsumerState.SETTING_UP
-        channel: Channel = yield connection.open_channel()
-        self.channel = channel
-        channel.closed.addCallback(self._channel_closed, channel)
-        channel.on_cancelled = self._cancelled_by_broker
+        self._declared = set()
         try:
+            publishing: Channel = yield connection.open_channel()
+            publishing.closed.addCallback(self._channel_closed, publishing, "publisher channel")
+            yield publishing.confirm()
+            yield self._declare_failure_queues(publishing)
+            self.publisher.channel = publishing
+            channel: Channel = yield connection.open_channel()
+            self.channel = channel
+            channel.closed.addCallback(self._channel_closed, channel, "channel")
+            channel.on_cancelled = self._cancelled_by_broker
             yield self._declare(channel)
             yield channel.qos(self.settings.prefetch)
             self.consumer_tag = yield channel.consume(self.settings.queue, self._on_message)
@@ -111,6 +154,37 @@ class Consumer:
         if self.state is ConsumerState.SETTING_UP:
             self.state = ConsumerState.CONSUMING
 
+    @inlineCallbacks
+    def _declare_failure_queues(self, channel: Channel) -> Any:
+        s = self.settings
+        yield self._declare_queue(channel, s.dead_letter_queue, {})
+        for retry in range(1, s.max_retries + 1):
+            name, arguments = retry_queue(s.queue, self.policy.schedule(retry))
+            yield self._declare_queue(channel, name, arguments)
+
+    def _declare_queue(
+        self, channel: Channel, name: str, arguments: dict[str, Any]
+    ) -> Deferred[Any]:
+        if name in self._declared:
+            return succeed(None)
+
+        def declared(result: object) -> object:
+            self._declared.add(name)
+            return result
+
+        def mismatch(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, pika_errors.ChannelClosedByBroker) and error.reply_code == 406:
+                failure = Failure(
+                    TopologyMismatch(
+                        f"queue {name!r} exists with other arguments: we declare {arguments!r}, "
+                        f"the broker says {error.reply_code} {error.reply_text}"
+                    )
+                )
+            return failure
+
+        return channel.declare_queue(name, arguments=arguments).addCallbacks(declared, mismatch)
+
     def _declare(self, channel: Channel) -> Deferred[Any]:
         s = self.settings
         if not s.declare:
@@ -118,7 +192,7 @@ class Consumer:
 
         @inlineCallbacks
         def declare() -> Any:
-            yield channel.declare_queue(s.queue, passive=False, arguments=s.queue_arguments)
+            yield channel.declare_queue(s.queue, arguments=s.queue_arguments)
             if s.exchange:
                 yield channel.declare_exchange(s.exchange, s.exchange_type)
                 for key in s.routing_keys or ("",):
@@ -137,27 +211,30 @@ class Consumer:
         if e.reply_code == 406:
             return TopologyMismatch(
                 f"queue {s.queue!r} or its exchange exists with other arguments than configured "
-                f"(configured: {dict(s.queue_arguments)!r}): {text}"
+                f"(we declare {dict(s.queue_arguments)!r}): {text}"
             )
         if e.reply_code == 404 and not s.declare:
             return SetupFailed(f"queue {s.queue!r} does not exist (--no-declare): {text}")
         return SetupFailed(text)
 
-    def _channel_closed(self, reason: BaseException, channel: Channel) -> None:
-        if channel is not self.channel:
+    def _channel_closed(self, reason: BaseException, channel: Channel, which: str) -> None:
+        if channel is self.publisher.channel:
+            self.publisher.channel = None
+        elif channel is self.channel:
+            self.channel = None
+            self.consumer_tag = None
+        else:
             return
-        self.channel = None
-        self.consumer_tag = None
         # Only a channel-level close is ours to report: when the whole
         # connection goes, the connection's own loss tells the story.
         if self.state is ConsumerState.CONSUMING and isinstance(
             reason, pika_errors.ChannelClosedByBroker
         ):
             self.state = ConsumerState.IDLE
-            self.on_lost(f"channel closed by the broker: {_reason(reason)}")
+            self.on_lost(f"{which} closed by the broker: {_reason(reason)}")
 
     def _cancelled_by_broker(self) -> None:
-        """The broker cancelled us (queue deleted, leader moved): subscribe again."""
+        """The broker cancelled us (queue deleted, leader moved): start afresh."""
         if self.state is not ConsumerState.CONSUMING:
             return
         self.consumer_tag = None
@@ -167,6 +244,7 @@ class Consumer:
     def detach(self) -> None:
         """The connection is gone: deliveries in flight can no longer be settled."""
         self.channel = None
+        self.publisher.channel = None
         self.consumer_tag = None
         if self.state in (ConsumerState.SETTING_UP, ConsumerState.CONSUMING):
             self.state = ConsumerState.IDLE
@@ -187,6 +265,7 @@ class Consumer:
             exchange=method.exchange,
             redelivered=method.redelivered,
         )
+        message._publisher = self.publisher
         delivery = Delivery(channel, message)
         self.inflight.add(delivery)
         started = self.monotonic()
@@ -209,7 +288,7 @@ class Consumer:
                 self._succeeded, self._failed, callbackArgs=(delivery,), errbackArgs=(delivery,)
             )
         else:
-            self._settle(delivery, Outcome.ACK)
+            self._succeeded(result, delivery)
 
     def _warn_stall(self, held: float, tag: int) -> None:
         log.warn(
@@ -231,70 +310,129 @@ class Consumer:
         delivery.result.cancel()
 
     def _succeeded(self, _result: object, delivery: Delivery) -> None:
-        if not delivery.abandoned:
-            self._stop_timer(delivery)
-            self._settle(delivery, Outcome.ACK)
+        if delivery.abandoned:
+            return
+        _stop_timer(delivery)
+        publishes = delivery.message._publishes
+        if not publishes:
+            self._settle(delivery, Outcome.ACKED)
+            return
+        # "Consume, then publish" is at-least-once: ack only once every publish is confirmed.
+        delivery.phase = Phase.PUBLISHING
+        _account_for(publishes)
+        settled = [d for _, d in publishes]
+        gatherResults(settled, consumeErrors=True).addCallbacks(
+            lambda _: self._settle(delivery, Outcome.ACKED),
+            lambda failure: self._failed(failure.value.subFailure, delivery),
+        )
 
     def _failed(self, failure: Failure, delivery: Delivery) -> None:
         if delivery.abandoned:
             return
-        self._stop_timer(delivery)
-        tag = delivery.message.delivery_tag
-        if delivery.timed_out:
-            log.warn(
-                "Handler {handler} timed out after {timeout:g}s on message {tag} and was "
-                "cancelled (--handler-timeout); requeueing it in {delay:g}s",
-                handler=self.invoke.name,
-                timeout=self.settings.handler_timeout,
-                tag=tag,
-                delay=self.settings.requeue_delay,
-            )
-            self._requeue_later(delivery)
-            return
-        if failure.check(Reject):
-            log.warn(
-                "Handler {handler} rejected message {tag}: {reason}; not requeued",
-                handler=self.invoke.name,
-                tag=tag,
-                reason=failure.getErrorMessage(),
-            )
-            self._settle(delivery, Outcome.REJECT)
-            return
-        log.failure(
-            "Handler {handler} failed on message {tag}; requeueing it in {delay:g}s",
-            failure,
-            handler=self.invoke.name,
-            tag=tag,
-            delay=self.settings.requeue_delay,
-        )
-        self._requeue_later(delivery)
-
-    def _requeue_later(self, delivery: Delivery) -> None:
-        delay = self.settings.requeue_delay
-        if self.state is ConsumerState.DRAINING or delay <= 0:
-            self._settle(delivery, Outcome.REQUEUE)
+        _stop_timer(delivery)
+        message = delivery.message
+        if message._publishes:
+            _account_for(message._publishes)
+            for _, settled in message._publishes:
+                settled.addErrback(lambda _: None)
+        retries = retries_of(message.headers)
+        timeout = self.settings.handler_timeout if delivery.timed_out else None
+        error = failure.value
+        assert error is not None
+        reason = describe_failure(error, timeout=timeout)
+        decision = self.policy.decide(error, retries, reason)
+        fields: dict[str, Any] = {
+            "handler": self.invoke.name,
+            "tag": message.delivery_tag,
+            "reason": reason,
+            "attempt": retries + 1,
+            "delay": decision.delay,
+            "retries": self.settings.max_retries,
+            "queue": self.settings.dead_letter_queue,
+        }
+        if decision.action is Action.RETRY:
+            text = "Handler {handler} failed on message {tag} (attempt {attempt}): {reason}; retrying in {delay:g}s"
         else:
-            # Held back briefly so that a failing handler never spins hot.
-            delivery.timer = self.clock.callLater(delay, self._settle, delivery, Outcome.REQUEUE)
+            text = "Handler {handler} failed on message {tag} (attempt {attempt}): {reason}; dead-lettering it to {queue}"
+        if failure.check(Reject, Retry) or delivery.timed_out:
+            log.warn(text, **fields)
+        else:
+            log.failure(text, failure, **fields)
+        self._park(delivery, decision, retries)
 
-    @staticmethod
-    def _stop_timer(delivery: Delivery) -> None:
-        if delivery.timer is not None and delivery.timer.active():
-            delivery.timer.cancel()
-        delivery.timer = None
+    def _park(self, delivery: Delivery, decision: Decision, retries: int) -> None:
+        """Publish a confirmed copy to a retry queue or the dead-letter queue, then ack."""
+        delivery.phase = Phase.PUBLISHING
+        message = delivery.message
+        s = self.settings
+        properties = copy.copy(message.properties)
+        properties.expiration = None  # a per-message TTL would expire the parked copy
+        if decision.action is Action.RETRY:
+            target, arguments = retry_queue(s.queue, decision.delay)
+            properties.headers = retry_headers(message.headers, retries + 1)
+            outcome = Outcome.RETRIED
+        else:
+            target, arguments = s.dead_letter_queue, {}
+            properties.headers = dead_letter_headers(
+                message.headers,
+                reason=decision.reason,
+                attempts=retries + 1,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                queue=s.queue,
+            )
+            outcome = Outcome.DEAD_LETTERED
+        channel = self.publisher.channel
+        declared = (
+            self._declare_queue(channel, target, arguments)
+            if channel is not None and channel.is_open
+            else succeed(None)
+        )
+        declared.addCallback(
+            lambda _: self.publisher.publish("", target, message.body, properties, mandatory=True)
+        )
+        declared.addCallbacks(
+            lambda _: self._settle(delivery, outcome),
+            self._park_failed,
+            errbackArgs=(delivery, decision),
+        )
+
+    def _park_failed(self, failure: Failure, delivery: Delivery, decision: Decision) -> None:
+        if delivery.abandoned:
+            return
+        log.warn(
+            "Could not {action} message {tag}: {reason}; handing it back to the broker in {delay:g}s",
+            action=decision.action.value,
+            tag=delivery.message.delivery_tag,
+            reason=failure.getErrorMessage(),
+            delay=HAND_BACK_PAUSE,
+        )
+        if self.state is ConsumerState.DRAINING:
+            self._settle(delivery, Outcome.REJECTED)
+            return
+        # Held back briefly so that a failure that keeps happening never spins hot.
+        delivery.phase = Phase.HOLDING
+        delivery.timer = self.clock.callLater(
+            HAND_BACK_PAUSE, self._settle, delivery, Outcome.REJECTED
+        )
 
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        self.inflight.discard(delivery)
+        if delivery.phase is Phase.SETTLED:
+            return
+        delivery.phase = Phase.SETTLED
         delivery.timer = None
+        self.inflight.discard(delivery)
         channel = delivery.channel
         tag = delivery.message.delivery_tag
         if channel is self.channel and channel.is_open:
-            if outcome is Outcome.ACK:
-                channel.ack(tag)
-            elif outcome is Outcome.REJECT:
-                channel.reject(tag, requeue=False)
-            else:
+            if outcome is Outcome.REQUEUED:
                 channel.nack(tag, requeue=True)
+            elif outcome is Outcome.REJECTED:
+                # A reject, not a nack: it counts toward a quorum queue's delivery-limit.
+                channel.reject(tag, requeue=True)
+            else:
+                channel.ack(tag)
+            self.on_outcome(outcome)
         else:
             log.debug(
                 "Message {tag} was not {outcome}: its channel is gone, the broker redelivers it",
@@ -317,10 +455,9 @@ class Consumer:
             self.channel.cancel(self.consumer_tag).addErrback(lambda _: None)
             self.consumer_tag = None
         for delivery in list(self.inflight):
-            if delivery.result is None or delivery.result.called:
-                # Its handler is done and failed: it only waits out --requeue-delay.
-                self._stop_timer(delivery)
-                self._settle(delivery, Outcome.REQUEUE)
+            if delivery.phase is Phase.HOLDING:
+                _stop_timer(delivery)
+                self._settle(delivery, Outcome.REJECTED)
         if not self.inflight:
             self.state = ConsumerState.STOPPED
             return succeed(None)
@@ -337,14 +474,14 @@ class Consumer:
         for delivery in list(self.inflight):
             delivery.abandoned = True
             self.abandoned += 1
-            self._stop_timer(delivery)
-            if delivery.result is not None:
+            _stop_timer(delivery)
+            if delivery.phase is Phase.HANDLING and delivery.result is not None:
                 try:
                     # Our own errback sees the CancelledError and ignores it.
                     delivery.result.cancel()
                 except Exception:
                     log.failure("Cancelling handler {handler} failed", handler=self.invoke.name)
-            self._settle(delivery, Outcome.REQUEUE)
+            self._settle(delivery, Outcome.REQUEUED)
 
     def _finish_drain(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -354,6 +491,18 @@ class Consumer:
         self.state = ConsumerState.STOPPED
         if drained is not None:
             drained.callback(None)
+
+
+def _account_for(publishes: list[tuple[Deferred[None], Deferred[None]]]) -> None:
+    """A failed publish fails the message, which is logged; the handler need not wait for it."""
+    for confirmed, _ in publishes:
+        confirmed.addErrback(lambda _: None)
+
+
+def _stop_timer(delivery: Delivery) -> None:
+    if delivery.timer is not None and delivery.timer.active():
+        delivery.timer.cancel()
+    delivery.timer = None
 
 
 def _reason(reason: BaseException) -> str:

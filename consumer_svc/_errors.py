@@ -7,14 +7,25 @@ import enum
 
 
 class Reject(Exception):
-    """Raised by a handler: the message can never be handled; reject it without requeueing.
-
-    The broker drops it, or dead-letters it if the queue has a dead-letter exchange.
-    """
+    """Raised by a handler: the message can never be handled; park it in the dead-letter queue now."""
 
 
-class UndecodableBody(ValueError):
-    """The body could not be decoded (e.g. by ``Message.json()``): the handler fails."""
+class Retry(Exception):
+    """Raised by a handler: try the message again after ``delay`` seconds (counts as an attempt)."""
+
+    def __init__(self, reason: str = "", *, delay: float | None = None) -> None:
+        super().__init__(reason or "retry requested")
+        if delay is not None and not 0 <= delay <= 86400 * 7:
+            raise ValueError(f"Retry delay must be from 0 to 7 days in seconds, got {delay!r}")
+        self.delay = delay
+
+
+class UndecodableBody(Reject, ValueError):
+    """The body could not be decoded (e.g. by ``Message.json()``): parked after one attempt."""
+
+
+class PublishFailed(Exception):
+    """A publish was not confirmed by the broker (nacked, unroutable, timed out, or no channel)."""
 
 
 class ExitStatus(enum.IntEnum):

@@ -8,8 +8,13 @@ from twisted.logger import Logger, LogLevel
 
 from ._settings import redact
 
-#: pika lines that only restate what the service reports itself, better.
-_REDUNDANT = ("basic_cancel - consumer not found",)
+#: pika lines that only restate what the service reports itself, better (and
+#: the returned-message one would copy message bodies into the log).
+_REDUNDANT = (
+    "basic_cancel - consumer not found",
+    "Published message was returned",
+    "Message was Nack'ed by broker",
+)
 
 
 class _PikaBridge(logging.Handler):

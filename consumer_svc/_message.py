@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from pika.spec import BasicProperties
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
 from ._errors import UndecodableBody
 
 if TYPE_CHECKING:
-    from pika.spec import BasicProperties
+    from ._publisher import Publisher
 
 
 class Message:
@@ -17,7 +21,16 @@ class Message:
     The message is acknowledged only after the handler's result succeeded.
     """
 
-    __slots__ = ("body", "delivery_tag", "exchange", "properties", "redelivered", "routing_key")
+    __slots__ = (
+        "_publisher",
+        "_publishes",
+        "body",
+        "delivery_tag",
+        "exchange",
+        "properties",
+        "redelivered",
+        "routing_key",
+    )
 
     def __init__(
         self,
@@ -35,6 +48,9 @@ class Message:
         self.routing_key = routing_key
         self.exchange = exchange
         self.redelivered = redelivered
+        self._publisher: Publisher | None = None
+        #: (what the handler got, what the ack waits for) for each publish.
+        self._publishes: list[tuple[Deferred[None], Deferred[None]]] | None = None
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -49,6 +65,55 @@ class Message:
             raise UndecodableBody(
                 f"body of message {self.delivery_tag} ({len(self.body)} bytes) is not JSON: {e}"
             ) from None
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: BasicProperties | None = None,
+        *,
+        mandatory: bool = False,
+    ) -> Deferred[None]:
+        """Publish a message, confirmed by the broker; this message is acked only after it.
+
+        The Deferred fires once the broker confirmed the publish, or fails
+        with `consumer_svc.PublishFailed` (nacked; unroutable with
+        ``mandatory=True``; not confirmed within --publish-timeout, e.g. while
+        a resource alarm blocks the connection). A failed publish fails the
+        handler, even if the handler did not wait for it.
+        """
+        if self._publisher is None:
+            raise RuntimeError(
+                "this message was not delivered by consumer_svc: nothing to publish with"
+            )
+        confirmed = self._publisher.publish(
+            exchange, routing_key, body, properties, mandatory=mandatory
+        )
+        settled: Deferred[None] = Deferred()
+        if self._publishes is None:
+            self._publishes = []
+        self._publishes.append((confirmed, settled))
+
+        def note(result: object) -> object:
+            if isinstance(result, Failure):
+                settled.errback(result)
+            else:
+                settled.callback(None)
+            return result
+
+        confirmed.addBoth(note)
+        return confirmed
+
+    def reply(self, body: bytes, properties: BasicProperties | None = None) -> Deferred[None]:
+        """Answer an RPC request: publish to its ``reply_to`` with its ``correlation_id``."""
+        reply_to = self.properties.reply_to
+        if not reply_to:
+            raise ValueError(f"message {self.delivery_tag} has no reply_to to answer")
+        properties = properties or BasicProperties()
+        if properties.correlation_id is None:
+            properties.correlation_id = self.properties.correlation_id
+        return self.publish("", reply_to, body, properties)
 
     def __repr__(self) -> str:
         return (

@@ -216,7 +216,7 @@ class ConsumerService(Service):
     def amqp_lost(self, connection: AMQPConnection | None, cause: Cause) -> None:
         if connection is not None and connection is self._connection:
             self._connection = None
-            self.blocked = False
+            self.blocked = self.consumer.publisher.blocked = False
         self.consumer.detach()
         if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
             log.debug("Connection closed: {cause}", cause=str(cause))
@@ -241,7 +241,7 @@ class ConsumerService(Service):
         log.info("Reconnecting in {delay:.1f}s (attempt {attempt})", delay=delay, attempt=attempt)
 
     def amqp_blocked(self, blocked: bool, reason: str) -> None:
-        self.blocked = blocked
+        self.blocked = self.consumer.publisher.blocked = blocked
         if blocked:
             log.warn("The broker blocked the connection: {reason}", reason=reason)
         else:

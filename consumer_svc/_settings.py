@@ -212,10 +212,27 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(0.001, 86400),
     ),
     Option(
-        "requeue-delay",
-        "1",
-        "Seconds a failed message is held before it is requeued.",
-        _seconds(0, 3600),
+        "max-retries",
+        "5",
+        "Retries of a failed message after its first attempt, before it is dead-lettered.",
+        _integer(0, 1000),
+    ),
+    Option(
+        "retry-delay",
+        "5",
+        "Seconds before the first retry; each further retry waits twice as long (at most 1 h).",
+        _seconds(0.001, 3600),
+    ),
+    Option(
+        "dead-letter-queue",
+        None,
+        "Where failed messages are parked (declared durable) [default: <queue>.dead].",
+    ),
+    Option(
+        "publish-timeout",
+        "30",
+        "Seconds a publish (retry, dead-letter, or the handler's own) may wait for its confirm.",
+        _seconds(0.1, 3600),
     ),
     Option(
         "queue-arg",
@@ -258,13 +275,20 @@ class Settings:
     connect_timeout: float = 15.0
     reconnect_initial: float = 1.0
     reconnect_max: float = 30.0
-    requeue_delay: float = 1.0
     handler_timeout: float = 600.0
+    max_retries: int = 5
+    retry_delay: float = 5.0
+    dead_letter_queue: str = ""
+    publish_timeout: float = 30.0
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     exchange: str | None = None
     exchange_type: str = "direct"
     routing_keys: tuple[str, ...] = ()
     declare: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.dead_letter_queue:
+            object.__setattr__(self, "dead_letter_queue", f"{self.queue}.dead")
 
 
 def read_config_file(path: str) -> dict[str, str]:
@@ -345,6 +369,10 @@ def resolve(
     no_declare = values.pop("no_declare", False)
     if no_declare and (values.get("exchange") or values.get("queue_arg")):
         raise ConfigurationError("--no-declare cannot be combined with --exchange or --queue-arg")
+    if not values.get("dead_letter_queue"):
+        values["dead_letter_queue"] = f"{queue}.dead"
+    if values["dead_letter_queue"] == queue:
+        raise ConfigurationError("--dead-letter-queue must not be the queue itself")
     if values["reconnect_max"] < values["reconnect_initial"]:
         raise ConfigurationError("--reconnect-max must not be below --reconnect-initial")
     return Settings(

@@ -69,7 +69,7 @@ def settings_for(url: str, queue: str, **overrides: Any) -> Settings:
         "heartbeat": 5,
         "reconnect_initial": 0.2,
         "reconnect_max": 1.0,
-        "requeue_delay": 0.1,
+        "retry_delay": 0.2,
         "shutdown_timeout": 5.0,
     }
     values.update(overrides)

@@ -7,32 +7,51 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import pytest
-from pika.exceptions import ChannelClosedByBroker
+from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
+from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from consumer_svc import Message, Reject
+from consumer_svc import Message, Reject, Retry
 from consumer_svc._consumer import Consumer, ConsumerState
 from consumer_svc._settings import Settings, parse_url
 
 
 class FakeChannel:
-    """Stands in for consumer_svc._amqp.Channel and records what the consumer settles."""
+    """Stands in for consumer_svc._amqp.Channel and records what the consumer does with it."""
 
     def __init__(self) -> None:
         self.is_open = True
         self.closed: Deferred[BaseException] = Deferred()
         self.on_cancelled: Callable[[], None] | None = None
         self.settled: list[tuple[str, int]] = []
+        self.declared: dict[str, Any] = {}
+        self.published: list[tuple[str, bytes, dict[str, Any]]] = []
+        self.confirms: list[Deferred[None]] = []
+        self.auto_confirm = True
         self.on_message: Any = None
         self.cancelled = False
 
-    def declare_queue(self, queue: str, *, passive: bool, arguments: Any) -> Deferred[Any]:
+    def declare_queue(self, queue: str, *, passive: bool = False, arguments: Any) -> Deferred[Any]:
+        self.declared[queue] = arguments
         return succeed(None)
 
     def qos(self, prefetch: int) -> Deferred[Any]:
         return succeed(None)
+
+    def confirm(self) -> Deferred[Any]:
+        return succeed(None)
+
+    def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Any, *, mandatory: bool
+    ) -> Deferred[Any]:
+        headers = properties.headers if properties is not None else None
+        self.published.append((routing_key, body, dict(headers or {})))
+        if self.auto_confirm:
+            return succeed(None)
+        confirm: Deferred[None] = Deferred()
+        self.confirms.append(confirm)
+        return confirm
 
     def consume(self, queue: str, on_message: Any) -> Deferred[str]:
         self.on_message = on_message
@@ -49,15 +68,15 @@ class FakeChannel:
         self.settled.append(("requeue" if requeue else "drop", tag))
 
     def reject(self, tag: int, requeue: bool = False) -> None:
-        self.settled.append(("reject", tag))
+        self.settled.append(("reject+requeue" if requeue else "reject", tag))
 
-    def deliver(self, tag: int, body: bytes = b"x") -> None:
+    def deliver(self, tag: int, body: bytes = b"x", headers: dict[str, Any] | None = None) -> None:
         method = type(
             "Deliver",
             (),
             {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
         )
-        self.on_message(self, method, type("Props", (), {"headers": None})(), body)
+        self.on_message(self, method, BasicProperties(headers=headers), body)
 
     def die(self) -> None:
         self.is_open = False
@@ -67,11 +86,13 @@ class FakeChannel:
 
 
 class FakeConnection:
-    def __init__(self, channel: FakeChannel) -> None:
-        self.channel = channel
+    """Hands out the publisher channel first, then the consumer channel, as the consumer opens them."""
+
+    def __init__(self, *channels: FakeChannel) -> None:
+        self.channels = list(channels)
 
     def open_channel(self) -> Deferred[FakeChannel]:
-        return succeed(self.channel)
+        return succeed(self.channels.pop(0))
 
 
 class Invoke:
@@ -89,17 +110,40 @@ class Invoke:
         return self.behaviour(message)
 
 
-SETTINGS = Settings(url=parse_url("amqp://localhost"), queue="q", requeue_delay=1.0)
+SETTINGS = Settings(
+    url=parse_url("amqp://localhost"),
+    queue="q",
+    dead_letter_queue="q.dead",
+    max_retries=2,
+    retry_delay=5.0,
+)
+
+
+class Setup:
+    """A consumer attached to fake channels, with a Clock."""
+
+    def __init__(self, behaviour: Callable[[Message], Any]) -> None:
+        self.clock = Clock()
+        self.publisher = FakeChannel()
+        self.channel = FakeChannel()
+        self.lost: list[str] = []
+        self.consumer = Consumer(SETTINGS, Invoke(behaviour), self.clock, self.lost.append)  # type: ignore[arg-type]
+        self.consumer.attach(FakeConnection(self.publisher, self.channel))  # type: ignore[arg-type]
+        assert self.consumer.state is ConsumerState.CONSUMING
 
 
 def consuming(
     behaviour: Callable[[Message], Any],
 ) -> tuple[Consumer, FakeChannel, Clock, list[str]]:
-    clock, channel, lost = Clock(), FakeChannel(), []
-    consumer = Consumer(SETTINGS, Invoke(behaviour), clock, lost.append)  # type: ignore[arg-type]
-    consumer.attach(FakeConnection(channel))  # type: ignore[arg-type]
-    assert consumer.state is ConsumerState.CONSUMING
-    return consumer, channel, clock, lost
+    setup = Setup(behaviour)
+    return setup.consumer, setup.channel, setup.clock, setup.lost
+
+
+def failing(error: Exception) -> Callable[[Message], None]:
+    def handler(message: Message) -> None:
+        raise error
+
+    return handler
 
 
 def test_a_plain_result_is_acked_at_once() -> None:
@@ -133,42 +177,6 @@ def test_a_coroutine_is_awaited_before_the_ack() -> None:
     assert channel.settled == []
     gate.callback(None)
     assert channel.settled == [("ack", 5)]
-
-
-def test_a_failure_is_requeued_after_a_pause() -> None:
-    """A failing handler's message goes back to the queue after the requeue delay, not at once."""
-
-    def fail(message: Message) -> None:
-        raise RuntimeError("database down")
-
-    _, channel, clock, _ = consuming(fail)
-    channel.deliver(1)
-    assert channel.settled == []
-    clock.advance(0.99)
-    assert channel.settled == []
-    clock.advance(0.01)
-    assert channel.settled == [("requeue", 1)]
-
-
-def test_reject_is_a_reject_without_requeue() -> None:
-    """Raising Reject rejects the message for good (the broker drops or dead-letters it)."""
-
-    def refuse(message: Message) -> None:
-        raise Reject("malformed")
-
-    _, channel, _, _ = consuming(refuse)
-    channel.deliver(1)
-    assert channel.settled == [("reject", 1)]
-
-
-def test_a_failed_deferred_counts_as_a_failure() -> None:
-    """An errback is a failure like a raised exception."""
-    pending: Deferred[None] = Deferred()
-    _, channel, clock, _ = consuming(lambda m: pending)
-    channel.deliver(1)
-    pending.errback(ValueError("nope"))
-    clock.advance(1.0)
-    assert channel.settled == [("requeue", 1)]
 
 
 def test_no_ack_goes_to_a_channel_other_than_the_delivery_s() -> None:
@@ -238,44 +246,13 @@ def test_messages_arriving_while_draining_are_handed_back_at_once() -> None:
     assert invoke_calls == []
 
 
-def test_draining_flushes_held_failures_at_once() -> None:
-    """A failed message waiting out its requeue delay is handed back as soon as the stop begins."""
-
-    def fail(message: Message) -> None:
-        raise RuntimeError("boom")
-
-    consumer, channel, clock, _ = consuming(fail)
-    channel.deliver(1)
-    drained = consumer.drain(timeout=30)
-    assert drained.called
-    assert channel.settled == [("requeue", 1)]
-    assert clock.getDelayedCalls() == []
-
-
-@pytest.mark.parametrize("state_after", [ConsumerState.IDLE])
-def test_a_broker_cancel_is_reported(state_after: ConsumerState) -> None:
+def test_a_broker_cancel_is_reported() -> None:
     """When the broker cancels the consumer (queue deleted), the owner is told to recover."""
     consumer, channel, _, lost = consuming(lambda m: None)
     assert channel.on_cancelled is not None
     channel.on_cancelled()
-    assert consumer.state is state_after
+    assert consumer.state is ConsumerState.IDLE
     assert lost == ["the broker cancelled the consumer of queue 'q'"]
-
-
-def test_a_handler_past_its_timeout_is_cancelled_and_requeued() -> None:
-    """--handler-timeout cancels a pending handler, counts it as failed and requeues its message."""
-    pending: Deferred[None] = Deferred()
-    consumer, channel, clock, _ = consuming(lambda m: pending)
-    channel.deliver(1)
-    clock.advance(SETTINGS.handler_timeout - 0.1)
-    assert not pending.called
-    clock.advance(0.1)
-    assert pending.called  # cancelled
-    assert channel.settled == []
-    clock.advance(SETTINGS.requeue_delay)
-    assert channel.settled == [("requeue", 1)]
-    assert not consumer.inflight
-    assert clock.getDelayedCalls() == []
 
 
 def test_a_handler_holding_the_reactor_is_named_in_a_warning() -> None:
@@ -299,3 +276,164 @@ def test_a_handler_holding_the_reactor_is_named_in_a_warning() -> None:
     assert stall["handler"] == "tests.handler"
     assert stall["stall_seconds"] == 7.0
     assert channel.settled == [("ack", 1)]
+
+
+def test_a_failure_is_retried_through_a_retry_queue_then_acked() -> None:
+    """A failed message is copied to the 5 s retry queue with its retry count, and acked only after the confirm."""
+    setup = Setup(failing(RuntimeError("database down")))
+    setup.publisher.auto_confirm = False
+    setup.channel.deliver(1, body=b"job", headers={"tenant": "a"})
+    assert setup.publisher.published == [
+        ("q.retry.5000", b"job", {"tenant": "a", "consumer-svc-retries": 1})
+    ]
+    assert setup.channel.settled == []
+    setup.publisher.confirms[0].callback(None)
+    assert setup.channel.settled == [("ack", 1)]
+
+
+def test_each_retry_waits_twice_as_long() -> None:
+    """The second retry goes to the 10 s queue; all retry queues were declared with TTL and dead-lettering."""
+    setup = Setup(failing(RuntimeError("still down")))
+    setup.channel.deliver(1, headers={"consumer-svc-retries": 1})
+    assert setup.publisher.published[0][0] == "q.retry.10000"
+    assert setup.publisher.declared["q.retry.5000"] == {
+        "x-message-ttl": 5000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "q",
+    }
+    assert "q.dead" in setup.publisher.declared
+
+
+def test_after_the_last_retry_the_message_is_dead_lettered_with_its_story() -> None:
+    """Past --max-retries the copy goes to the dead-letter queue with why, how often and where from."""
+    setup = Setup(failing(ValueError("bad payload")))
+    setup.channel.deliver(7, body=b"poison", headers={"consumer-svc-retries": 2, "tenant": "a"})
+    [(queue, body, headers)] = setup.publisher.published
+    assert (queue, body) == ("q.dead", b"poison")
+    assert headers["consumer-svc-failure"] == "ValueError: bad payload (gave up after 3 attempts)"
+    assert headers["consumer-svc-attempts"] == 3
+    assert headers["consumer-svc-original-routing-key"] == "q"
+    assert headers["tenant"] == "a"
+    assert "consumer-svc-retries" not in headers
+    assert setup.channel.settled == [("ack", 7)]
+
+
+def test_reject_goes_straight_to_the_dead_letter_queue() -> None:
+    """Reject is permanent: no retries."""
+    setup = Setup(failing(Reject("malformed")))
+    setup.channel.deliver(1)
+    assert [p[0] for p in setup.publisher.published] == ["q.dead"]
+    assert setup.publisher.published[0][2]["consumer-svc-failure"] == "Reject: malformed"
+
+
+def test_a_body_that_is_not_json_is_parked_after_one_attempt() -> None:
+    """message.json() on a non-JSON body dead-letters the message at once."""
+    setup = Setup(lambda m: m.json())
+    setup.channel.deliver(1, body=b"{not json")
+    [(queue, _, headers)] = setup.publisher.published
+    assert queue == "q.dead"
+    assert headers["consumer-svc-failure"].startswith(
+        "UndecodableBody: body of message 1 (9 bytes) is not JSON"
+    )
+
+
+def test_retry_with_a_delay_of_its_own() -> None:
+    """Retry(delay=2) waits 2 s, in a queue of its own declared on demand."""
+    setup = Setup(failing(Retry("rate limited", delay=2)))
+    setup.channel.deliver(1)
+    assert setup.publisher.published[0][0] == "q.retry.2000"
+    assert "q.retry.2000" in setup.publisher.declared
+
+
+def test_a_failed_deferred_is_retried_like_an_exception() -> None:
+    """An errback is a failure like a raised exception."""
+    pending: Deferred[None] = Deferred()
+    setup = Setup(lambda m: pending)
+    setup.channel.deliver(1)
+    pending.errback(ValueError("nope"))
+    assert setup.publisher.published[0][0] == "q.retry.5000"
+    assert setup.channel.settled == [("ack", 1)]
+
+
+def test_when_the_retry_copy_is_not_confirmed_the_original_is_handed_back() -> None:
+    """No confirm, no ack: after a pause the original is rejected with requeue, for the broker to redeliver."""
+    setup = Setup(failing(RuntimeError("boom")))
+    setup.publisher.auto_confirm = False
+    setup.channel.deliver(1)
+    setup.publisher.confirms[0].errback(NackError([]))
+    assert setup.channel.settled == []
+    setup.clock.advance(1.0)
+    assert setup.channel.settled == [("reject+requeue", 1)]
+
+
+def test_a_publish_that_is_never_confirmed_times_out() -> None:
+    """A retry copy left unconfirmed (say, the connection is blocked) gives up after --publish-timeout."""
+    setup = Setup(failing(RuntimeError("boom")))
+    setup.publisher.auto_confirm = False
+    setup.channel.deliver(1)
+    setup.clock.advance(SETTINGS.publish_timeout)
+    setup.clock.advance(1.0)
+    assert setup.channel.settled == [("reject+requeue", 1)]
+    assert setup.clock.getDelayedCalls() == []
+
+
+def test_the_ack_waits_for_the_handlers_own_publishes() -> None:
+    """A handler that forwards a message has its message acked only after the forward was confirmed."""
+    setup = Setup(lambda m: m.publish("out", "key", b"forwarded") and None)
+    setup.publisher.auto_confirm = False
+    setup.channel.deliver(1)
+    assert setup.publisher.published == [("key", b"forwarded", {})]
+    assert setup.channel.settled == []
+    setup.publisher.confirms[0].callback(None)
+    assert setup.channel.settled == [("ack", 1)]
+
+
+def test_a_failed_publish_fails_the_handler() -> None:
+    """An unconfirmed forward fails the message, which then goes the retry way."""
+    setup = Setup(lambda m: m.publish("out", "key", b"forwarded") and None)
+    setup.publisher.auto_confirm = False
+    setup.channel.deliver(1)
+    setup.publisher.confirms[0].errback(UnroutableError([]))
+    setup.publisher.confirms[1].callback(None)  # the retry copy
+    assert setup.publisher.published[1][0] == "q.retry.5000"
+    assert setup.channel.settled == [("ack", 1)]
+
+
+def test_a_reply_goes_to_reply_to_with_the_correlation_id() -> None:
+    """message.reply answers an RPC request."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    method = type(
+        "Deliver", (), {"delivery_tag": 1, "routing_key": "q", "exchange": "", "redelivered": False}
+    )
+    setup.channel.on_message(
+        setup.channel, method, BasicProperties(reply_to="amq.gen-1", correlation_id="c-9"), b"ping"
+    )
+    assert setup.publisher.published == [("amq.gen-1", b"pong", {})]
+    assert setup.channel.settled == [("ack", 1)]
+
+
+def test_draining_hands_back_held_messages_at_once() -> None:
+    """A message waiting out its hand-back pause is handed back as soon as the stop begins."""
+    setup = Setup(failing(RuntimeError("boom")))
+    setup.publisher.auto_confirm = False
+    setup.channel.deliver(1)
+    setup.publisher.confirms[0].errback(NackError([]))
+    drained = setup.consumer.drain(timeout=30)
+    assert drained.called
+    assert setup.channel.settled == [("reject+requeue", 1)]
+    assert setup.clock.getDelayedCalls() == []
+
+
+def test_a_handler_past_its_timeout_is_cancelled_and_retried() -> None:
+    """--handler-timeout cancels a pending handler; it counts as a failure and goes the retry way."""
+    pending: Deferred[None] = Deferred()
+    setup = Setup(lambda m: pending)
+    setup.channel.deliver(1)
+    setup.clock.advance(SETTINGS.handler_timeout - 0.1)
+    assert not pending.called
+    setup.clock.advance(0.1)
+    assert pending.called
+    [(queue, _, _)] = setup.publisher.published
+    assert queue == "q.retry.5000"
+    assert setup.channel.settled == [("ack", 1)]
+    assert setup.clock.getDelayedCalls() == []

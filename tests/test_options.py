@@ -69,6 +69,16 @@ def test_command_line_beats_environment_beats_file_beats_default(tmp_path: Path)
     )
 
 
+def test_retry_options_and_the_dead_letter_queue_default() -> None:
+    """--max-retries and --retry-delay are read; the dead-letter queue defaults to <queue>.dead."""
+    s = parse(["--queue", "jobs", "--max-retries", "3", "--retry-delay", "0.5"]).settings
+    assert (s.max_retries, s.retry_delay, s.dead_letter_queue) == (3, 0.5, "jobs.dead")
+    assert (
+        parse(["--queue", "jobs", "--dead-letter-queue", "parked"]).settings.dead_letter_queue
+        == "parked"
+    )
+
+
 def test_repeatable_options_and_typed_queue_arguments() -> None:
     """--queue-arg values become the types RabbitMQ expects; --routing-key repeats."""
     s = parse(
@@ -121,6 +131,9 @@ def test_the_handler_is_imported_when_options_are_parsed() -> None:
         (["--queue", "q", "--routing-key", "k"], ExitStatus.CONFIG, "--routing-key needs --exchange"),
         (["--queue", "q", "--exchange", "e", "--exchange-type", "bogus"], ExitStatus.CONFIG, "--exchange-type must be one of"),
         (["--queue", "q", "--bogus"], ExitStatus.CONFIG, "option --bogus not recognized"),
+        (["--queue", "q", "--max-retries", "-1"], ExitStatus.CONFIG, "--max-retries must be a whole number from 0 to 1000"),
+        (["--queue", "q", "--dead-letter-queue", "q"], ExitStatus.CONFIG, "--dead-letter-queue must not be the queue itself"),
+        (["--queue", "q", "--handler-timeout", "0"], ExitStatus.CONFIG, "--handler-timeout must be a number of seconds"),
         (["--queue", "q", "--handler", "no_such_module_xyz:handle"], ExitStatus.HANDLER, "cannot import handler module 'no_such_module_xyz'"),
         (["--queue", "q", "--handler", "json:no_such_function"], ExitStatus.HANDLER, "module 'json' has no attribute 'no_such_function'"),
         (["--queue", "q", "--handler", "json:__doc__"], ExitStatus.HANDLER, "is a str, not a callable"),

@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThread
 from waiting import eventually
 
 import consumer_svc
-from consumer_svc import ExitStatus, Message, Reject
+from consumer_svc import ExitStatus, Message
 from consumer_svc._service import State
 
 # -- consuming
@@ -112,45 +112,6 @@ async def test_deferred_coroutine_and_blocking_handlers(
         assert sorted(body for k, body in seen if k == kind) == [b"1", b"2", b"3"]
         await run.stop()
         await deferToThread(rabbit.delete_queue, queue)
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_failed_message_is_requeued_and_retried(
-    rabbit: RabbitNode, queue_name: str, services: Any
-) -> None:
-    """A handler that fails once sees the message again, redelivered, and then it is acked."""
-    failures: list[bytes] = []
-
-    def flaky(message: Message) -> None:
-        if not message.redelivered:
-            failures.append(message.body)
-            raise RuntimeError("transient")
-
-    handler = Recorder(flaky)
-    run = services(settings_for(rabbit.url(), queue_name), handler)
-    await run.consuming()
-    await send(rabbit, queue_name, [b"x"])
-    await eventually(lambda: len(handler.bodies) == 2, timeout=10, what="the retry")
-    await queue_settles(rabbit, queue_name)
-    assert handler.redelivered == [False, True]
-    assert failures == [b"x"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_reject_drops_the_message_without_requeue(
-    rabbit: RabbitNode, queue_name: str, services: Any
-) -> None:
-    """A Reject is final: the message is not delivered again."""
-
-    def refuse(message: Message) -> None:
-        raise Reject("unusable")
-
-    handler = Recorder(refuse)
-    run = services(settings_for(rabbit.url(), queue_name), handler)
-    await run.consuming()
-    await send(rabbit, queue_name, [b"poison", b"ok"])
-    await queue_settles(rabbit, queue_name)
-    assert handler.bodies == [b"poison", b"ok"]
 
 
 @pytest_twisted.ensureDeferred
