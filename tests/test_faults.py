@@ -86,13 +86,15 @@ async def test_broker_app_restart(
     await consumed_all(work)
     await queue_settles(rabbit, queue_name, timeout=30)
     assert_survived(run, work, prefetch)
-    detected, resumed = event_time(logs, broke, *LOSS), event_time(logs, healed, "Consuming queue")
+    detected = event_time(logs, broke, *LOSS)
     assert detected is not None
+    # The service may be consuming again before the broker call returned.
+    resumed = event_time(logs, detected, "Consuming queue")
     assert resumed is not None
     figures.add(
         "broker app restart (stop_app/start_app)",
         detected=detected - broke,
-        resumed=resumed - healed,
+        resumed=max(0.0, resumed - healed),
         duplicates=work.duplicates,
         lost=work.lost,
     )
@@ -120,13 +122,15 @@ async def test_broker_node_killed_and_restarted(
     await consumed_all(work)
     await queue_settles(fresh_rabbit, queue_name, timeout=30)
     assert_survived(run, work, prefetch)
-    detected, resumed = event_time(logs, broke, *LOSS), event_time(logs, healed, "Consuming queue")
+    detected = event_time(logs, broke, *LOSS)
     assert detected is not None
+    # The service may be consuming again before the broker call returned.
+    resumed = event_time(logs, detected, "Consuming queue")
     assert resumed is not None
     figures.add(
         "broker node kill -9, then started",
         detected=detected - broke,
-        resumed=resumed - healed,
+        resumed=max(0.0, resumed - healed),
         duplicates=work.duplicates,
         lost=work.lost,
     )
@@ -297,7 +301,7 @@ async def test_the_brokers_delivery_acknowledgement_timeout(
     await eventually(lambda: work.handled[b"m0"] == 2, timeout=30, what="m0 redelivered")
     await queue_settles(node, queue_name, timeout=30)
     assert_survived(run, work, prefetch=2)
-    assert "delivery acknowledgement on channel 1 timed out" in logs.text()
+    assert "PRECONDITION_FAILED - delivery acknowledgement on channel" in logs.text()
     detected, resumed = event_time(logs, broke, *LOSS), event_time(logs, broke, "Consuming queue")
     assert detected is not None
     assert resumed is not None
