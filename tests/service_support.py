@@ -1,24 +1,31 @@
-"""Running a `ConsumerService` in the test reactor: handlers that record, captured logs, waits."""
+"""Running a `ConsumerService` in the test reactor: handlers that record, captured logs, waits.
+
+Loaded as a pytest plugin by conftest.py, before pytest-twisted installs the reactor
+chosen with --reactor: so neither the reactor nor consumer_svc._service (which imports
+pika's Twisted adapter, which imports the reactor) is imported at module level.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_twisted
 from amqp_tools import publish
 from rabbitmq import RabbitNode
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from waiting import eventually, within
 
 from consumer_svc import ExitStatus, Message
-from consumer_svc._service import ConsumerService, State
 from consumer_svc._settings import Settings, parse_url
+
+if TYPE_CHECKING:
+    from consumer_svc._service import ConsumerService
 
 
 class Recorder:
@@ -83,10 +90,14 @@ class Running:
         self.exits: list[ExitStatus] = []
         self.logs = Logs()
         globalLogPublisher.addObserver(self.logs)
-        self.service = ConsumerService(settings, handler, exit=self.exits.append)
+        from consumer_svc._service import ConsumerService
+
+        self.service: ConsumerService = ConsumerService(settings, handler, exit=self.exits.append)
         self.service.startService()
 
     async def consuming(self, timeout: float = 20) -> None:
+        from consumer_svc._service import State
+
         await eventually(
             lambda: self.service.state is State.CONSUMING,
             timeout=timeout,
@@ -134,6 +145,8 @@ async def send(node: RabbitNode, queue: str, bodies: list[bytes], **kwargs: Any)
 
 
 def sleep(seconds: float) -> Deferred[None]:
+    from twisted.internet import reactor
+
     return task.deferLater(reactor, seconds, lambda: None)
 
 

@@ -9,12 +9,16 @@ table printed at the end of the run (README.md, "Reliability").
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import pytest_twisted
+from faultproxy import FaultProxy
 from rabbitmq import RabbitNode
 from service_support import (
     Figures,
@@ -30,7 +34,7 @@ from service_support import (
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from waiting import eventually, poll_until
+from waiting import eventually, poll_until, within
 
 from consumer_svc import Message
 from consumer_svc._service import State
@@ -39,6 +43,10 @@ from consumer_svc._settings import Settings
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 LOSS = ("Lost the connection", "Lost the consumer")
 TICK = "[{rabbit, [{channel_tick_interval, 500}]}]."
+
+
+def proxy_url(proxy: FaultProxy) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
 
 
 def now() -> float:
@@ -58,12 +66,24 @@ async def consumed_all(work: Workload, timeout: float = 60) -> None:
 
 
 def assert_survived(
-    run: Running, work: Workload, prefetch: int, losses: int = 1, retries: int = 0
+    run: Running,
+    work: Workload,
+    prefetch: int,
+    losses: int = 1,
+    retries: int = 0,
+    *,
+    broker_crashed: bool = False,
 ) -> None:
-    """Nothing lost; each lost channel redelivered at most its in-flight window; no exit."""
+    """Nothing lost; each lost channel redelivered at most its in-flight window; no exit.
+
+    After a broker crash (kill -9) the window bound does not hold: RabbitMQ
+    writes acks to disk lazily, so messages acked just before the crash come
+    back. Those duplicates are the broker's, and counted all the same.
+    """
     story = "\n".join(line for line in run.logs.lines() if "consumer_svc#" in line)
     assert work.lost == 0, story
-    assert work.duplicates <= prefetch * losses + retries, story
+    if not broker_crashed:
+        assert work.duplicates <= prefetch * losses + retries, story
     assert run.exits == [], story
     assert run.service.state is State.CONSUMING, story
 
@@ -121,7 +141,7 @@ async def test_broker_node_killed_and_restarted(
     healed = now()
     await consumed_all(work)
     await queue_settles(fresh_rabbit, queue_name, timeout=30)
-    assert_survived(run, work, prefetch)
+    assert_survived(run, work, prefetch, broker_crashed=True)
     detected = event_time(logs, broke, *LOSS)
     assert detected is not None
     # The service may be consuming again before the broker call returned.
@@ -388,12 +408,12 @@ async def test_broker_down_at_start(
     await send(node, queue_name, work.bodies)
     await consumed_all(work)
     assert_survived(run, work, prefetch=10, losses=0)
-    resumed = event_time(logs, up, "Consuming queue")
+    resumed = event_time(logs, 0.0, "Consuming queue")  # maybe before start() returned
     assert resumed is not None
     figures.add(
         "broker down at start",
         detected=None,
-        resumed=resumed - up,
+        resumed=max(0.0, resumed - up),
         duplicates=work.duplicates,
         lost=work.lost,
     )
@@ -440,3 +460,239 @@ def test_sigterm_while_the_broker_is_down(
         30,
         message="all 6 messages back",
     )
+
+
+# -- the network, through a proxy that breaks on purpose
+
+
+@pytest.fixture
+def proxy(rabbit: RabbitNode) -> Iterator[FaultProxy]:
+    fault_proxy = FaultProxy("127.0.0.1", rabbit.amqp_port)
+    fault_proxy.start()
+    yield fault_proxy
+    pytest_twisted.blockon(within(15, fault_proxy.stop()))
+
+
+async def network_drop(
+    rabbit: RabbitNode,
+    queue_name: str,
+    services: Services,
+    logs: Logs,
+    proxy: FaultProxy,
+    seconds: float,
+) -> tuple[Running, Workload, float, float, float]:
+    """Consume through the proxy, blackhole it for ``seconds``, heal it; return the timings."""
+    work, prefetch = Workload(200), 10
+    settings = settings_for(
+        proxy_url(proxy), queue_name, prefetch=prefetch, heartbeat=2, connect_timeout=3
+    )
+    run = services(settings, slow_recorder(work, 0.02))
+    await run.consuming()
+    await send(rabbit, queue_name, work.bodies)
+    await eventually(lambda: len(work.handled) >= 30, timeout=20, what="30 handled first")
+    broke = now()
+    proxy.blackhole(stall=True)  # TCP holds what it cannot deliver yet
+    await sleep(seconds)  # the outage itself lasts this long; nothing is synchronised by it
+    healed = now()
+    proxy.pass_traffic()
+    await eventually(
+        lambda: event_time(logs, broke, *LOSS), timeout=30, what="the dead link noticed"
+    )
+    await run.consuming(timeout=30)
+    await consumed_all(work)
+    await queue_settles(rabbit, queue_name, timeout=30)
+    detected = event_time(logs, broke, *LOSS)
+    resumed = event_time(logs, max(healed, detected or healed), "Consuming queue")
+    assert detected is not None
+    assert resumed is not None
+    return run, work, detected - broke, resumed - healed, healed - broke
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blackhole_past_the_heartbeat_timeout(
+    rabbit: RabbitNode,
+    queue_name: str,
+    services: Services,
+    logs: Logs,
+    proxy: FaultProxy,
+    figures: Figures,
+) -> None:
+    """Seed "Test Network Drop": a silent network is noticed by heartbeats within 2 x (heartbeat + 5) s, the
+    teardown does not hang, handshakes into the void time out by themselves, and consumption resumes after."""
+    # 20 s: the loss is noticed at about 14 s, and a reconnect into the void times out 3 s later.
+    run, work, detected, resumed, _ = await network_drop(
+        rabbit, queue_name, services, logs, proxy, seconds=20
+    )
+    assert detected <= 2 * (2 + 5) + 1
+    assert "heartbeat timeout" in logs.text()
+    assert "AMQP handshake timed out" in logs.text()
+    assert_survived(run, work, prefetch=10)
+    figures.add(
+        "network blackhole 20 s (heartbeat 2 s, handshake timeout 3 s)",
+        detected=detected,
+        resumed=resumed,
+        duplicates=work.duplicates,
+        lost=work.lost,
+    )
+
+
+@pytest.mark.parametrize("seconds", [10, 60])
+@pytest_twisted.ensureDeferred
+async def test_a_network_drop(
+    rabbit: RabbitNode,
+    queue_name: str,
+    services: Services,
+    logs: Logs,
+    proxy: FaultProxy,
+    figures: Figures,
+    seconds: int,
+) -> None:
+    """A short (10 s) and a long (60 s) outage: survived unattended, nothing lost."""
+    run, work, detected, resumed, _ = await network_drop(
+        rabbit, queue_name, services, logs, proxy, seconds=seconds
+    )
+    assert_survived(run, work, prefetch=10)
+    figures.add(
+        f"network drop {seconds} s (heartbeat 2 s)",
+        detected=detected,
+        resumed=resumed,
+        duplicates=work.duplicates,
+        lost=work.lost,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_reset(
+    rabbit: RabbitNode,
+    queue_name: str,
+    services: Services,
+    logs: Logs,
+    proxy: FaultProxy,
+    figures: Figures,
+) -> None:
+    """Every connection reset mid-stream: noticed at once, consuming again in a moment."""
+    work, prefetch = Workload(200), 10
+    run = services(
+        settings_for(proxy_url(proxy), queue_name, prefetch=prefetch), slow_recorder(work, 0.01)
+    )
+    await run.consuming()
+    await send(rabbit, queue_name, work.bodies)
+    await eventually(lambda: len(work.handled) >= 30, timeout=20, what="30 handled first")
+    broke = now()
+    assert proxy.reset_all() >= 1
+    await eventually(lambda: event_time(logs, broke, *LOSS), timeout=10, what="the reset noticed")
+    await consumed_all(work)
+    await queue_settles(rabbit, queue_name)
+    assert_survived(run, work, prefetch)
+    detected = event_time(logs, broke, *LOSS)
+    assert detected is not None
+    resumed = event_time(logs, detected, "Consuming queue")
+    assert resumed is not None
+    figures.add(
+        "TCP connection reset",
+        detected=detected - broke,
+        resumed=resumed - detected,
+        duplicates=work.duplicates,
+        lost=work.lost,
+    )
+
+
+# -- a chaos run: random faults while thousands of messages are consumed
+
+
+@pytest_twisted.ensureDeferred
+async def test_chaos(
+    rabbit_factory: Callable[..., RabbitNode],
+    queue_name: str,
+    services: Services,
+    logs: Logs,
+    figures: Figures,
+) -> None:
+    """Random faults, one after another, while 3000 confirmed messages are consumed: none is lost.
+
+    The seed is printed; replay a run with CHAOS_SEED=<seed>.
+    """
+    seed = int(os.environ.get("CHAOS_SEED") or random.randrange(2**32))
+    print(f"chaos seed {seed} (replay: CHAOS_SEED={seed})")
+    rng = random.Random(seed)
+    node = await deferToThread(rabbit_factory)
+    proxy = FaultProxy("127.0.0.1", node.amqp_port)
+    proxy.start()
+    try:
+        work, prefetch = Workload(3000), 5
+        settings = settings_for(
+            proxy_url(proxy),
+            queue_name,
+            prefetch=prefetch,
+            heartbeat=2,
+            connect_timeout=3,
+            reconnect_max=2.0,
+        )
+        await send(node, queue_name, work.bodies)
+        run = services(settings, slow_recorder(work, 0.08))
+        await run.consuming()
+
+        async def restart_app() -> None:
+            await deferToThread(node.restart_app)
+
+        async def kill_and_start() -> None:
+            await deferToThread(node.kill)
+            await deferToThread(node.start)
+
+        async def force_close() -> None:
+            await deferToThread(node.close_all_connections, "chaos")
+
+        async def reset() -> None:
+            proxy.reset_all()
+
+        async def blackhole() -> None:
+            proxy.blackhole(stall=True)  # TCP holds what it cannot deliver yet
+            await sleep(rng.uniform(3, 8))
+            proxy.pass_traffic()
+
+        async def channel_error() -> None:
+            channel = run.service.consumer.channel
+            if channel is not None and channel.is_open:
+                channel.ack(10**9)
+
+        async def memory_alarm() -> None:
+            await deferToThread(node.set_memory_alarm, True)
+            await sleep(rng.uniform(1, 3))
+            await deferToThread(node.set_memory_alarm, False)
+
+        faults = [
+            restart_app,
+            kill_and_start,
+            force_close,
+            reset,
+            blackhole,
+            channel_error,
+            memory_alarm,
+        ]
+        injected: list[str] = []
+        deadline = now() + 90
+        while not work.done() and now() < deadline:
+            fault = rng.choice(faults)
+            injected.append(fault.__name__)
+            await fault()
+            await run.consuming(timeout=60)
+            await sleep(rng.uniform(0.5, 3))
+        await consumed_all(work, timeout=120)
+        await queue_settles(node, queue_name, timeout=60)
+        losses = sum(1 for line in run.logs.lines() if any(m in line for m in LOSS))
+        print(
+            f"chaos seed {seed}: {len(injected)} faults {injected}; {losses} losses; {work.duplicates} duplicates; {work.lost} lost"
+        )
+        assert work.lost == 0
+        assert run.exits == []
+        if "kill_and_start" not in injected:  # see assert_survived on broker crashes
+            assert work.duplicates <= prefetch * max(losses, 1)
+        figures.add(
+            f"chaos: {len(injected)} random faults over 3000 messages (seed {seed})",
+            detected=None,
+            resumed=None,
+            duplicates=work.duplicates,
+            lost=work.lost,
+        )
+    finally:
+        await within(15, proxy.stop())
