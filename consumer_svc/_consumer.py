@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._acks import Acks
 from ._amqp import AMQPConnection, Channel
 from ._errors import AccessRefused, Reject, Retry, TopologyMismatch
 from ._handler import Invoker
@@ -80,7 +81,7 @@ class Outcome(enum.Enum):
 class Delivery:
     """One message between its arrival and its settlement."""
 
-    channel: Channel
+    acks: Acks  # of the channel it came from
     message: Message
     phase: Phase = Phase.HANDLING
     result: Deferred[Any] | None = None
@@ -111,6 +112,8 @@ class Consumer:
     on_outcome: Callable[[Outcome], None] = lambda outcome: None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
+    #: The current channel's acks; a delivery from an older channel holds an older one.
+    acks: Acks | None = None
     consumer_tag: str | None = None
     inflight: set[Delivery] = field(default_factory=set)
     #: Deliveries handed back at the shutdown deadline while their handler ran on.
@@ -144,6 +147,7 @@ class Consumer:
             self.publisher.channel = publishing
             channel: Channel = yield connection.open_channel()
             self.channel = channel
+            self.acks = Acks(channel, self.clock)
             channel.closed.addCallback(self._channel_closed, channel, "channel")
             channel.on_cancelled = self._cancelled_by_broker
             yield self._declare(channel)
@@ -222,6 +226,7 @@ class Consumer:
             self.publisher.channel = None
         elif channel is self.channel:
             self.channel = None
+            self.acks = None
             self.consumer_tag = None
         else:
             return
@@ -244,6 +249,7 @@ class Consumer:
     def detach(self) -> None:
         """The connection is gone: deliveries in flight can no longer be settled."""
         self.channel = None
+        self.acks = None
         self.publisher.channel = None
         self.consumer_tag = None
         if self.state in (ConsumerState.SETTING_UP, ConsumerState.CONSUMING):
@@ -253,9 +259,13 @@ class Consumer:
 
     def _on_message(self, channel: Channel, method: Any, properties: Any, body: bytes) -> None:
         tag = method.delivery_tag
+        acks = self.acks
+        if acks is None or acks.channel is not channel:
+            return  # a straggler from a channel we gave up on: the broker redelivers it
+        acks.delivered(tag)
         if self.state in (ConsumerState.DRAINING, ConsumerState.STOPPED):
             # Delivered between our cancel and the broker's cancel-ok: hand it back.
-            channel.nack(tag, requeue=True)
+            acks.nack(tag)
             return
         message = Message(
             body,
@@ -266,7 +276,7 @@ class Consumer:
             redelivered=method.redelivered,
         )
         message._publisher = self.publisher
-        delivery = Delivery(channel, message)
+        delivery = Delivery(acks, message)
         self.inflight.add(delivery)
         started = self.monotonic()
         try:
@@ -422,16 +432,15 @@ class Consumer:
         delivery.phase = Phase.SETTLED
         delivery.timer = None
         self.inflight.discard(delivery)
-        channel = delivery.channel
+        acks = delivery.acks
         tag = delivery.message.delivery_tag
-        if channel is self.channel and channel.is_open:
+        if acks is self.acks and acks.channel.is_open:
             if outcome is Outcome.REQUEUED:
-                channel.nack(tag, requeue=True)
+                acks.nack(tag)
             elif outcome is Outcome.REJECTED:
-                # A reject, not a nack: it counts toward a quorum queue's delivery-limit.
-                channel.reject(tag, requeue=True)
+                acks.reject(tag)
             else:
-                channel.ack(tag)
+                acks.ack(tag)
             self.on_outcome(outcome)
         else:
             log.debug(
@@ -459,6 +468,7 @@ class Consumer:
                 _stop_timer(delivery)
                 self._settle(delivery, Outcome.REJECTED)
         if not self.inflight:
+            self.flush()
             self.state = ConsumerState.STOPPED
             return succeed(None)
         self._drained = Deferred()
@@ -483,7 +493,13 @@ class Consumer:
                     log.failure("Cancelling handler {handler} failed", handler=self.invoke.name)
             self._settle(delivery, Outcome.REQUEUED)
 
+    def flush(self) -> None:
+        """Send the acks that wait for the end of this reactor turn, now."""
+        if self.acks is not None:
+            self.acks.flush()
+
     def _finish_drain(self) -> None:
+        self.flush()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None

@@ -289,6 +289,7 @@ class ConsumerService(Service):
         connection = self._connection
         if connection is None:
             return succeed(None)
+        self.consumer.flush()
         log.info("Closing the AMQP connection")
         return connection.shutdown(CLOSE_TIMEOUT)
 

@@ -20,11 +20,12 @@ from consumer_svc._settings import Settings, parse_url
 class FakeChannel:
     """Stands in for consumer_svc._amqp.Channel and records what the consumer does with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock
         self.is_open = True
         self.closed: Deferred[BaseException] = Deferred()
         self.on_cancelled: Callable[[], None] | None = None
-        self.settled: list[tuple[str, int]] = []
+        self._settled: list[tuple[str, int]] = []
         self.declared: dict[str, Any] = {}
         self.published: list[tuple[str, bytes, dict[str, Any]]] = []
         self.confirms: list[Deferred[None]] = []
@@ -61,14 +62,21 @@ class FakeChannel:
         self.cancelled = True
         return succeed(None)
 
+    @property
+    def settled(self) -> list[tuple[str, int]]:
+        """What was settled on the wire, once the current reactor turn ended (acks wait for it)."""
+        if self.clock is not None:
+            self.clock.advance(0)
+        return self._settled
+
     def ack(self, tag: int, multiple: bool = False) -> None:
-        self.settled.append(("ack", tag))
+        self._settled.append(("ack up to" if multiple else "ack", tag))
 
     def nack(self, tag: int, requeue: bool = True) -> None:
-        self.settled.append(("requeue" if requeue else "drop", tag))
+        self._settled.append(("requeue" if requeue else "drop", tag))
 
     def reject(self, tag: int, requeue: bool = False) -> None:
-        self.settled.append(("reject+requeue" if requeue else "reject", tag))
+        self._settled.append(("reject+requeue" if requeue else "reject", tag))
 
     def deliver(self, tag: int, body: bytes = b"x", headers: dict[str, Any] | None = None) -> None:
         method = type(
@@ -124,8 +132,8 @@ class Setup:
 
     def __init__(self, behaviour: Callable[[Message], Any]) -> None:
         self.clock = Clock()
-        self.publisher = FakeChannel()
-        self.channel = FakeChannel()
+        self.publisher = FakeChannel(self.clock)
+        self.channel = FakeChannel(self.clock)
         self.lost: list[str] = []
         self.consumer = Consumer(SETTINGS, Invoke(behaviour), self.clock, self.lost.append)  # type: ignore[arg-type]
         self.consumer.attach(FakeConnection(self.publisher, self.channel))  # type: ignore[arg-type]
@@ -182,14 +190,14 @@ def test_a_coroutine_is_awaited_before_the_ack() -> None:
 def test_no_ack_goes_to_a_channel_other_than_the_delivery_s() -> None:
     """A delivery from a channel that died is never acked, even on the new channel."""
     pending: Deferred[None] = Deferred()
-    consumer, old, _clock, lost = consuming(lambda m: pending)
+    consumer, old, clock, lost = consuming(lambda m: pending)
     old.deliver(1)
     old.die()
     assert lost == [
         "channel closed by the broker: 406 PRECONDITION_FAILED - unknown delivery tag 1"
     ]
-    new = FakeChannel()
-    consumer.attach(FakeConnection(new))  # type: ignore[arg-type]
+    new = FakeChannel(clock)
+    consumer.attach(FakeConnection(FakeChannel(clock), new))  # type: ignore[arg-type]
     pending.callback(None)
     assert old.settled == []
     assert new.settled == []

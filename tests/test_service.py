@@ -176,10 +176,11 @@ async def test_a_broker_restart_mid_stream_loses_nothing(
         lambda: set(handler.bodies) == set(bodies), timeout=60, what="every message handled"
     )
     await queue_settles(rabbit, queue_name, timeout=30)
+    story = "\n".join(line for line in logs.lines() if "consumer_svc#" in line)
     duplicates = len(handler.bodies) - len(bodies)
-    assert duplicates <= 20 * 2  # at most the in-flight window, once per loss
-    assert "Lost the connection to" in logs.text()
-    assert run.service.state is State.CONSUMING
+    assert duplicates <= 20 * 2, story  # at most the in-flight window, once per loss
+    assert "Lost the connection to" in logs.text(), story
+    assert run.service.state is State.CONSUMING, story
 
 
 @pytest_twisted.ensureDeferred
