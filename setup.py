@@ -21,6 +21,8 @@ setup(
         # [tls] brings pyOpenSSL, service-identity and idna: amqps:// with
         # certificate and hostname verification.
         "twisted[tls]>=24.7",
+        # /metrics in Prometheus's text format: the reference client, not our own.
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3"],

@@ -83,6 +83,7 @@ class Delivery:
 
     acks: Acks  # of the channel it came from
     message: Message
+    started: float = 0.0
     phase: Phase = Phase.HANDLING
     result: Deferred[Any] | None = None
     #: The --handler-timeout while handling; the pause while holding.
@@ -110,6 +111,8 @@ class Consumer:
     monotonic: Callable[[], float] = time.monotonic
     #: Called with each settled message's outcome (metrics).
     on_outcome: Callable[[Outcome], None] = lambda outcome: None
+    #: Called with how long each handler took, in seconds (metrics).
+    on_handled: Callable[[float], None] = lambda seconds: None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     #: The current channel's acks; a delivery from an older channel holds an older one.
@@ -276,9 +279,9 @@ class Consumer:
             redelivered=method.redelivered,
         )
         message._publisher = self.publisher
-        delivery = Delivery(acks, message)
-        self.inflight.add(delivery)
         started = self.monotonic()
+        delivery = Delivery(acks, message, started)
+        self.inflight.add(delivery)
         try:
             result = self.invoke(message)
         except Exception:
@@ -322,6 +325,7 @@ class Consumer:
     def _succeeded(self, _result: object, delivery: Delivery) -> None:
         if delivery.abandoned:
             return
+        self.on_handled(self.monotonic() - delivery.started)
         _stop_timer(delivery)
         publishes = delivery.message._publishes
         if not publishes:
@@ -339,6 +343,8 @@ class Consumer:
     def _failed(self, failure: Failure, delivery: Delivery) -> None:
         if delivery.abandoned:
             return
+        if delivery.phase is Phase.HANDLING:
+            self.on_handled(self.monotonic() - delivery.started)
         _stop_timer(delivery)
         message = delivery.message
         if message._publishes:
@@ -441,13 +447,13 @@ class Consumer:
                 acks.reject(tag)
             else:
                 acks.ack(tag)
-            self.on_outcome(outcome)
         else:
             log.debug(
                 "Message {tag} was not {outcome}: its channel is gone, the broker redelivers it",
                 tag=tag,
                 outcome=outcome.value,
             )
+        self.on_outcome(outcome)
         if self._drained is not None and not self.inflight:
             self._finish_drain()
 

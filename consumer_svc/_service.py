@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import error as net_errors
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -25,7 +26,9 @@ from ._backoff import Backoff
 from ._consumer import Consumer, SetupFailed
 from ._errors import AccessRefused, ExitStatus, FatalError
 from ._handler import Handler, Invoker
+from ._health import Metrics, health_site
 from ._log import bridge_pika_logging
+from ._notify import Notifier
 from ._settings import Settings
 
 log = Logger(namespace="consumer_svc")
@@ -81,6 +84,7 @@ class ConsumerService(Service):
         reactor: Any = None,
         random: Callable[[], float] = random.random,
         exit: Callable[[ExitStatus], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -97,9 +101,16 @@ class ConsumerService(Service):
         self._exit = exit or functools.partial(exit_process, reactor=reactor)
         self._connection: AMQPConnection | None = None
         self._connector: Any = None
+        self.notifier = notifier or Notifier()
+        self._ready_sent = False
+        self._last_cause = ""
+        self._watchdog: LoopingCall | None = None
         self.threadpool = _DaemonThreadPool(0, settings.threads, "consumer_svc-blocking")
         self.invoker = Invoker(handler, reactor, self.threadpool)
         self.consumer = Consumer(settings, self.invoker, reactor, self._subscription_lost)
+        self.metrics = Metrics(inflight=lambda: len(self.consumer.inflight))
+        self.consumer.on_outcome = lambda outcome: self.metrics.settled(outcome.value)
+        self.consumer.on_handled = self.metrics.handler_seconds.observe
         self.factory = AMQPFactory(
             settings.url,
             connection_parameters(
@@ -127,7 +138,17 @@ class ConsumerService(Service):
             prefetch=s.prefetch,
         )
         self.threadpool.start()
+        if self.notifier.watchdog_interval:
+            self._watchdog = LoopingCall(self._watchdog_ping)
+            self._watchdog.clock = self._reactor
+            self._watchdog.start(self.notifier.watchdog_interval, now=False)
         self._connect()
+
+    def _watchdog_ping(self) -> None:
+        # This runs, so the reactor is responsive; the connection is healthy
+        # or being recovered as designed unless we gave up.
+        if self.state is not State.FAILED:
+            self.notifier.notify(WATCHDOG=1)
 
     def _connect(self) -> None:
         url = self.settings.url
@@ -153,6 +174,7 @@ class ConsumerService(Service):
             return
         self.state = State.CONNECTING
         url = self.settings.url
+        self.notifier.notify(STATUS=f"Connecting to {url.host}:{url.port}")
         log.info(
             "Connecting to {host}:{port} (vhost {vhost!r})",
             host=url.host,
@@ -166,6 +188,8 @@ class ConsumerService(Service):
             connection.shutdown(CLOSE_TIMEOUT)
             return
         self.state = State.SETTING_UP
+        self.metrics.connections.inc()
+        self.metrics.connected.set(1)
         log.info(
             "Connected to {url} (heartbeat {heartbeat}s)",
             url=str(self.settings.url),
@@ -179,6 +203,13 @@ class ConsumerService(Service):
             return
         self.state = State.CONSUMING
         self.factory.succeeded()
+        self.metrics.reconnect_delay.set(0)
+        status = f"Consuming queue {self.settings.queue}"
+        if self._ready_sent:
+            self.notifier.notify(STATUS=status)
+        else:
+            self._ready_sent = True
+            self.notifier.notify(READY=1, STATUS=status)
         log.info(
             "Consuming queue {queue!r} (prefetch {prefetch})",
             queue=self.settings.queue,
@@ -217,6 +248,7 @@ class ConsumerService(Service):
         if connection is not None and connection is self._connection:
             self._connection = None
             self.blocked = self.consumer.publisher.blocked = False
+            self.metrics.connected.set(0)
         self.consumer.detach()
         if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
             log.debug("Connection closed: {cause}", cause=str(cause))
@@ -224,6 +256,7 @@ class ConsumerService(Service):
         if cause.fatal:
             self._fatal(AccessRefused(str(cause)))
             return
+        self._last_cause = str(cause)
         was = self.state
         self.state = State.WAITING
         opened = connection is not None and connection.opened
@@ -238,6 +271,10 @@ class ConsumerService(Service):
         )
 
     def amqp_retrying(self, delay: float, attempt: int) -> None:
+        self.metrics.reconnect_delay.set(delay)
+        self.notifier.notify(
+            STATUS=f"Reconnecting in {delay:.1f}s (attempt {attempt}): {self._last_cause}"
+        )
         log.info("Reconnecting in {delay:.1f}s (attempt {attempt})", delay=delay, attempt=attempt)
 
     def amqp_blocked(self, blocked: bool, reason: str) -> None:
@@ -246,6 +283,15 @@ class ConsumerService(Service):
             log.warn("The broker blocked the connection: {reason}", reason=reason)
         else:
             log.info("The broker unblocked the connection")
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready while consuming; the state in words either way (for /readyz)."""
+        state = self.state.value + (", blocked by the broker" if self.blocked else "")
+        return self.state is State.CONSUMING, state
+
+    def health_site(self) -> Any:
+        """The HTTP site for --health-port: /healthz, /readyz, /metrics."""
+        return health_site(self.metrics, self.readiness)
 
     # -- giving up
 
@@ -260,6 +306,7 @@ class ConsumerService(Service):
             status=int(error.status),
         )
         self.factory.stopTrying()
+        self.notifier.notify(STATUS=f"Failed (exit status {int(error.status)}): {error}")
         if self._connection is not None:
             self._connection.shutdown(CLOSE_TIMEOUT)
         self._exit(error.status)
@@ -275,6 +322,9 @@ class ConsumerService(Service):
             with contextlib.suppress(net_errors.NotConnectingError):
                 self._connector.stopConnecting()
         inflight = len(self.consumer.inflight)
+        self.notifier.notify(STOPPING=1, STATUS=f"Draining {inflight} in-flight message(s)")
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
         log.info(
             "Stopping: {count} message(s) in flight, waiting up to {timeout:g}s for them",
             count=inflight,
@@ -303,4 +353,6 @@ class ConsumerService(Service):
             self.threadpool.stop()
         if self.state is not State.FAILED:
             self.state = State.STOPPED
+        self.notifier.notify(STATUS="Stopped")
+        self.notifier.close()
         log.info("Stopped")

@@ -235,6 +235,13 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(0.1, 3600),
     ),
     Option(
+        "health-port",
+        None,
+        "Serve /healthz, /readyz and /metrics over HTTP on this port.",
+        _integer(1, 65535),
+    ),
+    Option("health-host", "127.0.0.1", "The address the health port listens on."),
+    Option(
         "queue-arg",
         None,
         "A queue argument KEY=VALUE, e.g. x-queue-type=quorum (repeatable).",
@@ -280,6 +287,8 @@ class Settings:
     retry_delay: float = 5.0
     dead_letter_queue: str = ""
     publish_timeout: float = 30.0
+    health_port: int | None = None
+    health_host: str = "127.0.0.1"
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     exchange: str | None = None
     exchange_type: str = "direct"

@@ -84,5 +84,13 @@ def makeService(options: Options) -> IService:
     from ._service import ConsumerService
 
     top = MultiService()
-    ConsumerService(options.settings, options.handler).setServiceParent(top)
+    consumer = ConsumerService(options.settings, options.handler)
+    consumer.setServiceParent(top)
+    s = options.settings
+    if s.health_port is not None:
+        from twisted.application.internet import TCPServer
+
+        TCPServer(s.health_port, consumer.health_site(), interface=s.health_host).setServiceParent(
+            top
+        )
     return top
