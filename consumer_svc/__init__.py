@@ -6,6 +6,7 @@ Handler authors need only these names; run the service with
 
 from ._errors import ExitStatus, PublishFailed, Reject, Retry, UndecodableBody
 from ._handler import blocking
+from ._log import json_lines
 from ._message import Message
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "Retry",
     "UndecodableBody",
     "blocking",
+    "json_lines",
 ]
 __version__ = "0.1.0"

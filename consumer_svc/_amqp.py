@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -298,6 +298,8 @@ class AMQPConnection(TwistedProtocolConnection):
 class AMQPFactory(ReconnectingClientFactory):
     """Builds `AMQPConnection`s and reconnects with our `Backoff` after any loss.
 
+    With several broker URLs (a cluster), a failed attempt moves on to the
+    next URL at once, and the backoff applies per full round of the list.
     `succeeded` resets the backoff; the owner calls it only once the consumer
     is registered, never on a bare TCP connect, so a broker that keeps
     refusing us is retried ever more slowly.
@@ -307,33 +309,57 @@ class AMQPFactory(ReconnectingClientFactory):
 
     def __init__(
         self,
-        url: BrokerURL,
-        parameters: pika.ConnectionParameters,
+        urls: Sequence[BrokerURL],
+        parameters: Callable[[BrokerURL], pika.ConnectionParameters],
         *,
         listener: ConnectionListener,
-        clock: IReactorTime,
+        reactor: Any,
         backoff: Backoff,
         random: Callable[[], float],
-        handshake_timeout: float,
+        timeout: float,
+        tls: Callable[[BrokerURL], Any] | None = None,
     ) -> None:
-        self.url = url
+        if not urls:
+            raise ValueError("no broker URL")
+        self.urls = list(urls)
         self.parameters = parameters
         self.listener = listener
-        self.clock = clock  # type: ignore[assignment]  # ReconnectingClientFactory's own attribute
-        self._clock = clock
+        self.reactor = reactor
+        self.clock = reactor  # ReconnectingClientFactory's own attribute
         self.backoff = backoff
         self.random = random
-        self.handshake_timeout = handshake_timeout
+        self.timeout = timeout
+        self.tls = tls
+        self.index = 0
         self.initialDelay = self.delay = backoff.initial
         self.maxDelay = backoff.maximum  # type: ignore[assignment]
 
+    @property
+    def url(self) -> BrokerURL:
+        """The URL of the current (or last) attempt."""
+        return self.urls[self.index]
+
+    def connect(self) -> IConnector:
+        """Start an attempt on the current URL (TCP, or TLS for amqps://)."""
+        url = self.url
+        connector: IConnector
+        if url.tls:
+            assert self.tls is not None
+            connector = self.reactor.connectSSL(
+                url.host, url.port, self, self.tls(url), timeout=self.timeout
+            )
+        else:
+            connector = self.reactor.connectTCP(url.host, url.port, self, timeout=self.timeout)
+        self.connector = connector
+        return connector
+
     def buildProtocol(self, addr: IAddress | None) -> AMQPConnection:
         connection = AMQPConnection(
-            self.parameters,
+            self.parameters(self.url),
             listener=self.listener,
-            clock=self._clock,
+            clock=self.reactor,
             url=self.url,
-            handshake_timeout=self.handshake_timeout,
+            handshake_timeout=self.timeout,
         )
         connection.factory = self
         return connection
@@ -348,17 +374,18 @@ class AMQPFactory(ReconnectingClientFactory):
     def retry(self, connector: IConnector | None = None) -> None:
         if not self.continueTrying:
             return
-        connector = connector or self.connector
-        if connector is None:
-            raise ValueError("no connector to retry")
-        self.retries += 1
-        self.delay = self.backoff.delay(self.retries, self.random)
-        self._callID = self._clock.callLater(self.delay, self._reconnect, connector)
+        self.index = (self.index + 1) % len(self.urls)
+        if self.index == 0:  # a full round failed: back off
+            self.retries += 1
+            self.delay = self.backoff.delay(self.retries, self.random)
+        else:
+            self.delay = 0.0
+        self._callID = self.reactor.callLater(self.delay, self._reconnect)
         self.listener.amqp_retrying(self.delay, self.retries)
 
-    def _reconnect(self, connector: IConnector) -> None:
+    def _reconnect(self) -> None:
         self._callID = None
-        connector.connect()
+        self.connect()
 
     def succeeded(self) -> None:
         """The consumer is registered: the next failure starts the backoff afresh."""

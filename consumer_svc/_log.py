@@ -1,10 +1,15 @@
-"""Logging glue: pika's stdlib logging, bridged into twisted.logger."""
+"""Logging glue: pika's stdlib logging bridged into twisted.logger, and JSON lines."""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import IO, Any
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
 
 from ._settings import redact
 
@@ -42,3 +47,36 @@ def bridge_pika_logging(level: int = logging.WARNING) -> None:
         pika_logger.addHandler(_PikaBridge())
     pika_logger.setLevel(level)
     pika_logger.propagate = False
+
+
+def json_lines(out: IO[str] | None = None) -> Callable[[LogEvent], None]:
+    """A log observer writing one JSON object per line: for journald and log shippers.
+
+    Each line has ``time`` (UTC, ISO 8601), ``level``, ``namespace``,
+    ``message`` (the event formatted as in the text log) and the event's own
+    named fields (``queue``, ``cause``, ``delay`` ...); a failure adds
+    ``traceback``. Use it with ``twistd --logger consumer_svc.json_lines``.
+    """
+    stream = out if out is not None else sys.stdout
+
+    def observe(event: LogEvent) -> None:
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "namespace": event.get("log_namespace", "?"),
+            "message": redact(formatEvent(event)),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in record:
+                continue
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                record[key] = redact(value) if isinstance(value, str) else value
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        stream.write(json.dumps(record, default=str) + "\n")
+        stream.flush()
+
+    return observe

@@ -71,6 +71,13 @@ def exit_process(status: ExitStatus, reactor: Any) -> None:
     reactor.callWhenRunning(reactor.stop)
 
 
+def _tls_options(url: Any) -> Any:
+    """Client TLS for amqps://: the system trust store, the host name verified."""
+    from twisted.internet.ssl import optionsForClientTLS
+
+    return optionsForClientTLS(url.host)
+
+
 class ConsumerService(Service):
     """Consumes ``settings.queue`` with ``handler`` until stopped, reconnecting as needed."""
 
@@ -112,15 +119,16 @@ class ConsumerService(Service):
         self.consumer.on_outcome = lambda outcome: self.metrics.settled(outcome.value)
         self.consumer.on_handled = self.metrics.handler_seconds.observe
         self.factory = AMQPFactory(
-            settings.url,
-            connection_parameters(
-                settings.url, heartbeat=settings.heartbeat, name=f"consumer_svc {settings.queue}"
+            settings.urls,
+            lambda url: connection_parameters(
+                url, heartbeat=settings.heartbeat, name=f"consumer_svc {settings.queue}"
             ),
             listener=self,
-            clock=reactor,
+            reactor=reactor,
             backoff=Backoff(settings.reconnect_initial, settings.reconnect_max),
             random=random,
-            handshake_timeout=settings.connect_timeout,
+            timeout=settings.connect_timeout,
+            tls=_tls_options,
         )
 
     # -- starting
@@ -132,7 +140,7 @@ class ConsumerService(Service):
         log.info(
             "Starting: queue {queue!r} on {url}, handler {handler}{kind}, prefetch {prefetch}",
             queue=s.queue,
-            url=str(s.url),
+            url=", ".join(str(url) for url in s.urls),
             handler=self.invoker.name,
             kind=" (blocking, in threads)" if self.invoker.blocking else "",
             prefetch=s.prefetch,
@@ -151,21 +159,7 @@ class ConsumerService(Service):
             self.notifier.notify(WATCHDOG=1)
 
     def _connect(self) -> None:
-        url = self.settings.url
-        if url.tls:
-            from twisted.internet.ssl import optionsForClientTLS
-
-            self._connector = self._reactor.connectSSL(
-                url.host,
-                url.port,
-                self.factory,
-                optionsForClientTLS(url.host),
-                timeout=self.settings.connect_timeout,
-            )
-        else:
-            self._connector = self._reactor.connectTCP(
-                url.host, url.port, self.factory, timeout=self.settings.connect_timeout
-            )
+        self._connector = self.factory.connect()
 
     # -- what the connection tells us (ConnectionListener)
 
@@ -173,7 +167,7 @@ class ConsumerService(Service):
         if self.state in (State.STOPPING, State.FAILED):
             return
         self.state = State.CONNECTING
-        url = self.settings.url
+        url = self.factory.url
         self.notifier.notify(STATUS=f"Connecting to {url.host}:{url.port}")
         log.info(
             "Connecting to {host}:{port} (vhost {vhost!r})",
@@ -192,7 +186,7 @@ class ConsumerService(Service):
         self.metrics.connected.set(1)
         log.info(
             "Connected to {url} (heartbeat {heartbeat}s)",
-            url=str(self.settings.url),
+            url=str(self.factory.url),
             heartbeat=self.settings.heartbeat,
         )
         d: Deferred[Any] = self.consumer.attach(connection)
@@ -263,8 +257,8 @@ class ConsumerService(Service):
         log.warn(
             "{what} {host}:{port}: {cause}",
             what="Lost the connection to" if opened else "Could not connect to",
-            host=self.settings.url.host,
-            port=self.settings.url.port,
+            host=self.factory.url.host,
+            port=self.factory.url.port,
             cause=cause.detail if cause.kind is Lost.CONNECT_FAILED else str(cause),
             lost=cause.kind.name,
             previous_state=was.value,
@@ -318,9 +312,10 @@ class ConsumerService(Service):
         if self.state is not State.FAILED:
             self.state = State.STOPPING
         self.factory.stopTrying()
-        if self._connection is None and self._connector is not None:
+        connector = self.factory.connector
+        if self._connection is None and connector is not None:
             with contextlib.suppress(net_errors.NotConnectingError):
-                self._connector.stopConnecting()
+                connector.stopConnecting()
         inflight = len(self.consumer.inflight)
         self.notifier.notify(STOPPING=1, STATUS=f"Draining {inflight} in-flight message(s)")
         if self._watchdog is not None and self._watchdog.running:

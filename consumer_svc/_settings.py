@@ -165,7 +165,18 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("url", None, f"Broker URL (default: $AMQP_URL, else {DEFAULT_URL})."),
+    Option(
+        "url",
+        None,
+        f"A broker URL (default: $AMQP_URL, else {DEFAULT_URL}); repeat it for a cluster.",
+        lambda values, name: [v.strip() for v in values],
+        repeatable=True,
+    ),
+    Option(
+        "url-file",
+        None,
+        "Read the broker URL(s), one per line, from this file (keeps a password out of ps).",
+    ),
     Option("queue", None, "The queue to consume (required)."),
     Option("handler", None, "The handler, package.module:function (default: log and ack)."),
     Option(
@@ -274,6 +285,8 @@ class Settings:
 
     url: BrokerURL
     queue: str
+    #: Every broker URL, ``url`` first; reconnects go round them.
+    urls: tuple[BrokerURL, ...] = ()
     handler: str | None = None
     prefetch: int = 10
     heartbeat: int = 30
@@ -296,6 +309,8 @@ class Settings:
     declare: bool = True
 
     def __post_init__(self) -> None:
+        if not self.urls:
+            object.__setattr__(self, "urls", (self.url,))
         if not self.dead_letter_queue:
             object.__setattr__(self, "dead_letter_queue", f"{self.queue}.dead")
 
@@ -347,6 +362,8 @@ def resolve(
             env = environ.get(option.environment)
             if env is None and option.name == "url":
                 env = environ.get("AMQP_URL")
+                if env is not None and command_line.get("url-file"):
+                    env = None  # an explicit --url-file wins over the environment
             raw = env if env is not None else from_file.get(option.name)
             if raw is not None and option.repeatable:
                 raw = _split_list(raw)
@@ -359,7 +376,19 @@ def resolve(
             continue
         values[option.attribute] = option.convert(raw, option.name)
 
-    url = parse_url(values.pop("url", DEFAULT_URL))
+    url_file = values.pop("url_file", None)
+    raw_urls: list[str] = values.pop("url", None) or []
+    if url_file and command_line.get("url"):
+        raise ConfigurationError("give --url or --url-file, not both")
+    if url_file:
+        try:
+            with open(url_file, encoding="utf-8") as f:
+                raw_urls = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as e:
+            raise ConfigurationError(f"cannot read --url-file {url_file!r}: {e.strerror}") from None
+        if not raw_urls:
+            raise ConfigurationError(f"--url-file {url_file!r} holds no URL")
+    urls = tuple(parse_url(raw) for raw in raw_urls or [DEFAULT_URL])
     queue = values.pop("queue", None)
     if not queue:
         raise ConfigurationError(
@@ -385,7 +414,8 @@ def resolve(
     if values["reconnect_max"] < values["reconnect_initial"]:
         raise ConfigurationError("--reconnect-max must not be below --reconnect-initial")
     return Settings(
-        url=url,
+        url=urls[0],
+        urls=urls,
         queue=queue,
         queue_arguments=values.pop("queue_arg", {}),
         exchange_type=exchange_type,

@@ -45,6 +45,10 @@ class Options(usage.Options):
                 # so that the environment and the config file can set them.
                 self[option.name] = None
 
+    def opt_url(self, value: str) -> None:
+        """A broker URL; repeat it for the nodes of a cluster [default: $AMQP_URL, else localhost]."""
+        self._repeated["url"].append(value)
+
     def opt_queue_arg(self, value: str) -> None:
         """A queue argument KEY=VALUE, e.g. x-queue-type=quorum (repeatable)."""
         self._repeated["queue-arg"].append(value)

@@ -10,7 +10,7 @@ from pika import exceptions as pika_errors
 from pika import frame, spec
 from twisted.internet import error as net_errors
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from consumer_svc._amqp import (
@@ -54,28 +54,15 @@ class Listener:
         return [value for kind, value in self.events if kind == "lost"]
 
 
-class Connector:
-    """Counts connection attempts, like a real IConnector would start them."""
-
-    def __init__(self) -> None:
-        self.attempts = 0
-
-    def connect(self) -> None:
-        self.attempts += 1
-
-    def stopConnecting(self) -> None:
-        raise net_errors.NotConnectingError()
-
-
-def make_factory(clock: Clock, listener: Listener) -> AMQPFactory:
+def make_factory(clock: Clock, listener: Listener, urls: tuple[str, ...] = ()) -> AMQPFactory:
     return AMQPFactory(
-        URL,
-        connection_parameters(URL, heartbeat=10, name="test"),
+        [parse_url(u) for u in urls] or [URL],
+        lambda url: connection_parameters(url, heartbeat=10, name="test"),
         listener=listener,
-        clock=clock,
+        reactor=clock,
         backoff=Backoff(initial=1.0, maximum=8.0),
         random=lambda: 0.0,
-        handshake_timeout=15.0,
+        timeout=15.0,
     )
 
 
@@ -174,31 +161,47 @@ def test_a_heartbeat_timeout_aborts_at_once() -> None:
 
 def test_reconnects_back_off_and_reset_only_when_told() -> None:
     """Failed attempts wait 1, 2, 4, 8, 8 s; `succeeded` starts the schedule over."""
-    clock, listener = Clock(), Listener()
-    factory, connector = make_factory(clock, listener), Connector()
+    reactor, listener = MemoryReactorClock(), Listener()
+    factory = make_factory(reactor, listener)  # type: ignore[arg-type]
     waits = []
     for _ in range(5):
-        factory.clientConnectionFailed(connector, Failure(net_errors.ConnectionRefusedError()))  # type: ignore[arg-type]
-        [call] = clock.getDelayedCalls()
-        waits.append(call.getTime() - clock.seconds())
-        clock.advance(call.getTime() - clock.seconds())
+        factory.clientConnectionFailed(None, Failure(net_errors.ConnectionRefusedError()))  # type: ignore[arg-type]
+        [call] = reactor.getDelayedCalls()
+        waits.append(call.getTime() - reactor.seconds())
+        reactor.advance(call.getTime() - reactor.seconds())
     assert waits == [1.0, 2.0, 4.0, 8.0, 8.0]
-    assert connector.attempts == 5
+    assert len(reactor.tcpClients) == 5
     assert [c.kind for c in listener.causes()] == [Lost.CONNECT_FAILED] * 5
     factory.succeeded()
-    factory.clientConnectionLost(connector, Failure(net_errors.ConnectionDone()))  # type: ignore[arg-type]
-    assert clock.getDelayedCalls()[0].getTime() - clock.seconds() == 1.0
+    factory.clientConnectionLost(None, Failure(net_errors.ConnectionDone()))  # type: ignore[arg-type]
+    assert reactor.getDelayedCalls()[0].getTime() - reactor.seconds() == 1.0
+
+
+def test_a_cluster_is_tried_node_by_node_and_backs_off_per_round() -> None:
+    """With two URLs a failure moves to the other node at once; only a failed round waits."""
+    reactor, listener = MemoryReactorClock(), Listener()
+    factory = make_factory(reactor, listener, ("amqp://u:p@node1:5672/", "amqp://u:p@node2:5673/"))  # type: ignore[arg-type]
+    factory.connect()
+    tried, waits = [], []
+    for _ in range(4):
+        tried.append((reactor.tcpClients[-1][0], reactor.tcpClients[-1][1]))
+        factory.clientConnectionFailed(None, Failure(net_errors.ConnectionRefusedError()))  # type: ignore[arg-type]
+        [call] = reactor.getDelayedCalls()
+        waits.append(call.getTime() - reactor.seconds())
+        reactor.advance(call.getTime() - reactor.seconds())
+    assert tried == [("node1", 5672), ("node2", 5673), ("node1", 5672), ("node2", 5673)]
+    assert waits == [0.0, 1.0, 0.0, 2.0]
 
 
 def test_stop_trying_cancels_the_pending_reconnect() -> None:
     """After stopTrying no reconnect is left scheduled, and no new one is made."""
-    clock, listener = Clock(), Listener()
-    factory, connector = make_factory(clock, listener), Connector()
-    factory.clientConnectionFailed(connector, Failure(net_errors.ConnectionRefusedError()))  # type: ignore[arg-type]
+    reactor, listener = MemoryReactorClock(), Listener()
+    factory = make_factory(reactor, listener)  # type: ignore[arg-type]
+    factory.clientConnectionFailed(None, Failure(net_errors.ConnectionRefusedError()))  # type: ignore[arg-type]
     factory.stopTrying()
-    assert clock.getDelayedCalls() == []
-    factory.clientConnectionLost(connector, Failure(net_errors.ConnectionDone()))  # type: ignore[arg-type]
-    assert clock.getDelayedCalls() == []
+    assert reactor.getDelayedCalls() == []
+    factory.clientConnectionLost(None, Failure(net_errors.ConnectionDone()))  # type: ignore[arg-type]
+    assert reactor.getDelayedCalls() == []
 
 
 def test_connection_parameters_carry_credentials_and_a_name() -> None:

@@ -178,3 +178,31 @@ def test_the_shipped_tap_conf_works_as_is() -> None:
     s = parse(["--config", str(conf)]).settings
     assert s.queue == "task_queue"
     assert s.url.host in ("localhost", "127.0.0.1")
+
+
+def test_several_urls_make_a_cluster(tmp_path: Path) -> None:
+    """--url repeats; --url-file reads one per line, so no password shows in ps."""
+    s = parse(["--queue", "q", "--url", "amqp://a/", "--url", "amqp://b:5673/"]).settings
+    assert [(u.host, u.port) for u in s.urls] == [("a", 5672), ("b", 5673)]
+    assert s.url == s.urls[0]
+    secret = tmp_path / "broker.url"
+    secret.write_text("# the cluster\namqp://svc:s3cret@n1/\namqp://svc:s3cret@n2/\n")
+    s = parse(["--queue", "q", "--url-file", str(secret)], {"AMQP_URL": "amqp://ignored/"}).settings
+    assert [u.host for u in s.urls] == ["n1", "n2"]
+    assert s.url.password == "s3cret"
+
+
+def test_url_and_url_file_together_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Two sources for the broker on the command line is a mistake, said so."""
+    secret = tmp_path / "broker.url"
+    secret.write_text("amqp://n1/\n")
+    assert (
+        "give --url or --url-file, not both"
+        in refused(capsys, ["--queue", "q", "--url", "amqp://a/", "--url-file", str(secret)])[1]
+    )
+    assert (
+        "cannot read --url-file"
+        in refused(capsys, ["--queue", "q", "--url-file", str(tmp_path / "none")])[1]
+    )

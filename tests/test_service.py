@@ -6,6 +6,7 @@ session's throwaway RabbitMQ node, and waits with deadlines only.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from typing import Any
@@ -29,6 +30,7 @@ from waiting import eventually
 import consumer_svc
 from consumer_svc import ExitStatus, Message
 from consumer_svc._service import State
+from consumer_svc._settings import parse_url
 
 # -- consuming
 
@@ -291,3 +293,36 @@ async def test_mismatched_queue_arguments_exit_and_lose_nothing(
     assert "PRECONDITION_FAILED" in line
     assert "x-max-length" in line
     await queue_settles(rabbit, queue_name, ready=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cluster_node_going_down_moves_the_consumer(
+    rabbit: RabbitNode, rabbit_factory: Any, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """With two broker URLs and the first one down, the service consumes from the second, and back when that one goes."""
+    other = rabbit_factory(start=False)
+    handler = Recorder()
+    settings = settings_for(other.url(), queue_name, reconnect_max=1.0)
+    settings = dataclasses.replace(settings, urls=(settings.url, parse_url(rabbit.url())))
+    run = services(settings, handler)
+    await run.consuming()
+    assert f"127.0.0.1:{rabbit.amqp_port}" in str(run.service.factory.url)
+    await send(rabbit, queue_name, [b"from the second node"])
+    await eventually(
+        lambda: handler.bodies == [b"from the second node"], timeout=10, what="a message"
+    )
+    await deferToThread(other.start)
+    await deferToThread(rabbit.stop_app)
+    try:
+        await eventually(
+            lambda: (
+                run.service.factory.url.port == other.amqp_port
+                and run.service.state is State.CONSUMING
+            ),
+            timeout=30,
+            what="moved to the first node",
+        )
+        await send(other, queue_name, [b"from the first node"])
+        await eventually(lambda: len(handler.bodies) == 2, timeout=10, what="the second message")
+    finally:
+        await deferToThread(rabbit.start_app)
