@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pika
+import pika.credentials
 from pika import exceptions as pika_errors
 from pika import spec
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
@@ -103,7 +104,15 @@ def classify(
     if isinstance(first_error, pika_errors.ConnectionClosedByClient):
         return Cause(Lost.CLOSED_BY_US, "")
     if reason is not None and not isinstance(reason, net_errors.ConnectionDone):
-        if type(reason).__module__.startswith("OpenSSL"):
+        module = type(reason).__module__
+        if module.startswith("service_identity"):
+            errors = getattr(reason, "errors", ())
+            kinds = ", ".join(type(e).__name__ for e in errors) or type(reason).__name__
+            return Cause(
+                Lost.TLS_FAILED,
+                f"the broker's certificate is not valid for {url.host!r} ({kinds})",
+            )
+        if module.startswith("OpenSSL"):
             return Cause(Lost.TLS_FAILED, _describe(reason))
         return Cause(Lost.CONNECTION_LOST, _describe(reason))
     if not opened:
@@ -124,12 +133,19 @@ def connect_failure(reason: Failure) -> Cause:
 
 
 def connection_parameters(
-    url: BrokerURL, *, heartbeat: int, name: str
+    url: BrokerURL, *, heartbeat: int, name: str, client_certificate: bool = False
 ) -> pika.ConnectionParameters:
-    """pika's parameters; host, port and TLS are Twisted's business, not pika's."""
+    """pika's parameters; host, port and TLS are Twisted's business, not pika's.
+
+    An amqps:// URL without credentials, with a client certificate, logs in
+    with EXTERNAL: the broker takes the user from the certificate.
+    """
+    credentials: Any = pika.PlainCredentials(url.username, url.password)
+    if url.tls and client_certificate and not url.has_credentials:
+        credentials = pika.credentials.ExternalCredentials()
     return pika.ConnectionParameters(
         virtual_host=url.vhost,
-        credentials=pika.PlainCredentials(url.username, url.password),
+        credentials=credentials,
         heartbeat=heartbeat,
         client_properties={
             "connection_name": f"{name} on {socket.gethostname()} pid {os.getpid()}",

@@ -71,11 +71,32 @@ def exit_process(status: ExitStatus, reactor: Any) -> None:
     reactor.callWhenRunning(reactor.stop)
 
 
-def _tls_options(url: Any) -> Any:
-    """Client TLS for amqps://: the system trust store, the host name verified."""
-    from twisted.internet.ssl import optionsForClientTLS
+def tls_options(settings: Settings) -> Callable[[Any], Any]:
+    """Client TLS for amqps://: the chain verified against --tls-ca (else the
+    system's trust store) and the host name through service-identity; with
+    --tls-cert and --tls-key, a client certificate for mutual TLS."""
+    from twisted.internet import ssl
 
-    return optionsForClientTLS(url.host)
+    trust: Any = ssl.platformTrust()
+    if settings.tls_ca:
+        with open(settings.tls_ca, "rb") as f:
+            trust = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(pem) for pem in _pem_certificates(f.read())]
+            )
+    client: Any = None
+    if settings.tls_cert and settings.tls_key:
+        with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
+            client = ssl.PrivateCertificate.loadPEM(cert.read() + b"\n" + key.read())
+
+    def options(url: Any) -> Any:
+        return ssl.optionsForClientTLS(url.host, trustRoot=trust, clientCertificate=client)
+
+    return options
+
+
+def _pem_certificates(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
 
 
 class ConsumerService(Service):
@@ -121,14 +142,17 @@ class ConsumerService(Service):
         self.factory = AMQPFactory(
             settings.urls,
             lambda url: connection_parameters(
-                url, heartbeat=settings.heartbeat, name=f"consumer_svc {settings.queue}"
+                url,
+                heartbeat=settings.heartbeat,
+                name=f"consumer_svc {settings.queue}",
+                client_certificate=bool(settings.tls_cert),
             ),
             listener=self,
             reactor=reactor,
             backoff=Backoff(settings.reconnect_initial, settings.reconnect_max),
             random=random,
             timeout=settings.connect_timeout,
-            tls=_tls_options,
+            tls=tls_options(settings) if any(u.tls for u in settings.urls) else None,
         )
 
     # -- starting

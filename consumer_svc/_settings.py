@@ -27,6 +27,8 @@ class BrokerURL:
     vhost: str
     username: str
     password: str = field(repr=False)
+    #: Whether the URL carried credentials at all (without, a client certificate means EXTERNAL).
+    has_credentials: bool = True
 
     @property
     def tls(self) -> bool:
@@ -62,6 +64,7 @@ def parse_url(url: str) -> BrokerURL:
         vhost=vhost,
         username=unquote(parts.username) if parts.username is not None else "guest",
         password=unquote(parts.password) if parts.password is not None else "guest",
+        has_credentials=parts.password is not None,
     )
 
 
@@ -112,6 +115,16 @@ def _text(raw: str, name: str) -> str:
     if not value:
         raise ConfigurationError(f"--{name} must not be empty")
     return value
+
+
+def _readable(raw: str, name: str) -> str:
+    path = raw.strip()
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigurationError(f"--{name} {path!r} cannot be read: {e.strerror}") from None
+    return path
 
 
 def _boolean(raw: str, name: str) -> bool:
@@ -246,6 +259,16 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(0.1, 3600),
     ),
     Option(
+        "tls-ca",
+        None,
+        "CA certificates (PEM) to verify the broker with [default: the system's].",
+        _readable,
+    ),
+    Option(
+        "tls-cert", None, "A client certificate (PEM) for mutual TLS; needs --tls-key.", _readable
+    ),
+    Option("tls-key", None, "The client certificate's private key (PEM).", _readable),
+    Option(
         "health-port",
         None,
         "Serve /healthz, /readyz and /metrics over HTTP on this port.",
@@ -302,6 +325,9 @@ class Settings:
     publish_timeout: float = 30.0
     health_port: int | None = None
     health_host: str = "127.0.0.1"
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     queue_arguments: Mapping[str, Any] = field(default_factory=dict)
     exchange: str | None = None
     exchange_type: str = "direct"
@@ -411,6 +437,8 @@ def resolve(
         values["dead_letter_queue"] = f"{queue}.dead"
     if values["dead_letter_queue"] == queue:
         raise ConfigurationError("--dead-letter-queue must not be the queue itself")
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
     if values["reconnect_max"] < values["reconnect_initial"]:
         raise ConfigurationError("--reconnect-max must not be below --reconnect-initial")
     return Settings(

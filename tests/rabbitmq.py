@@ -305,12 +305,15 @@ class RabbitNode:
         nodename: str | None = None,
         start_timeout: float = 60.0,
         advanced: str = "",
+        plugins: Iterable[str] = (),
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.config = tuple(config)
         #: Erlang terms for advanced.config, for settings rabbitmq.conf cannot express,
         #: e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}].``
         self.advanced = advanced
+        #: Plugins to enable, e.g. ``rabbitmq_auth_mechanism_ssl`` for EXTERNAL.
+        self.plugins = tuple(plugins)
         self.nodename = nodename or f"rmq-{secrets.token_hex(4)}@localhost"
         if "@" not in self.nodename:
             self.nodename += "@localhost"
@@ -400,7 +403,7 @@ class RabbitNode:
             letters = string.ascii_uppercase
             cookie.write_text("".join(secrets.choice(letters) for _ in range(32)))
         cookie.chmod(0o400)
-        (self.base_dir / "enabled_plugins").write_text("[].\n")
+        (self.base_dir / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         advanced = self.base_dir / "advanced.config"
         if self.advanced:
             advanced.write_text(self.advanced.strip() + "\n")
