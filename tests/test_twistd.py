@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from amqp_tools import publish
@@ -149,3 +153,41 @@ def test_bad_input_stops_before_connecting(
     lines = run.text().strip().splitlines()
     assert lines == [f"twistd consumer: error: {lines[0].split('error: ', 1)[1]}"]
     assert says in lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_daemon_mode_detaches_drops_privileges_and_cleans_up(
+    rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    """Without -n twistd detaches, writes its pidfile, logs to its file and runs as --uid/--gid; SIGTERM stops it and removes the pidfile."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    # Not under tmp_path: its parents are private to root, and the daemon, as nobody,
+    # must reach its pidfile to remove it.
+    home = Path(tempfile.mkdtemp(prefix="consumer-daemon-", dir="/tmp"))
+    home.chmod(0o777)
+    pidfile, logfile = home / "consumer.pid", home / "consumer.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
+    environ["AMQP_URL"] = rabbit.url()
+    started = subprocess.run(
+        [TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid), "--rundir", str(home), "consumer", "--queue", queue_name],
+        env=environ, cwd=home, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    poll_until(
+        lambda: logfile.exists() and "Consuming queue" in logfile.read_text(),
+        30,
+        message="the daemon consuming",
+    )
+    pid = int(pidfile.read_text())
+    status = Path(f"/proc/{pid}/status").read_text()
+    [uid_line] = [line for line in status.splitlines() if line.startswith("Uid:")]
+    assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
+    os.kill(pid, signal.SIGTERM)
+    poll_until(lambda: not Path(f"/proc/{pid}").exists(), 30, message="the daemon gone")
+    try:
+        assert not pidfile.exists(), logfile.read_text()
+        assert "Stopped" in logfile.read_text()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
