@@ -3,13 +3,14 @@
 #   make run         twistd consumer with tap.conf, against a local broker (ARGS="--queue x")
 #   make test        lint, type check, then pytest (PYTEST_ARGS="-k harness -x")
 #   make lint        ruff check and ruff format --check
+#   make bench       the side-by-side benchmark (BENCH_ARGS="--repeat 5")
 #   make clean       remove build output, caches and .tmp (keeps .venv; distclean drops it)
 SHELL := bash
 BIN := .venv/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap venv run test lint typecheck format clean distclean
+.PHONY: bootstrap venv run test lint typecheck format bench clean distclean
 
 bootstrap venv:
 	scripts/bootstrap.sh
@@ -32,6 +33,13 @@ format: bootstrap
 # the tests import the installed package, as a user would.
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Side by side with pika, aio-pika and kombu, against a throwaway broker (BENCHMARKS.md).
+# BENCH_ARGS="--repeat 5 --long 1000000" for more.
+BENCH_ARGS ?=
+bench: bootstrap
+	$(BIN)/pip install --quiet --disable-pip-version-check '.[bench]'
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tmp

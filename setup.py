@@ -28,6 +28,8 @@ setup(
         "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3"],
         # mypy-zope: Twisted's interfaces are zope.interface ones, which plain mypy cannot check.
         "dev": ["ruff>=0.6", "mypy>=1.11", "mypy-zope>=1.0"],
+        # The benchmark's peers: never runtime dependencies.
+        "bench": ["aio-pika>=9", "kombu>=5.3", "psutil>=5"],
     },
     classifiers=[
         "Framework :: Twisted",

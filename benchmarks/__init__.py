@@ -1,0 +1,1 @@
+"""Side-by-side throughput benchmark: consumer_svc against pika, aio-pika and kombu (see BENCHMARKS.md)."""

@@ -1,0 +1,171 @@
+"""``python -m benchmarks``: every contender against one throwaway broker, side by side.
+
+Runs alternate between contenders and repeat; the table shows medians, the
+spread (min-max) and ratios to pika's raw Twisted loop, measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pika
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from rabbitmq import RabbitNode  # noqa: E402
+
+from .contenders import IO_SECONDS, THREADS  # noqa: E402
+
+CONTENDERS = ["consumer_svc", "pika-twisted", "pika-select", "aio-pika", "kombu"]
+WORKLOADS = {
+    # name: (body bytes, prefetch, description)
+    "noop": (100, 100, "(a) no-op handler, 100-byte bodies, prefetch 100"),
+    "io": (
+        100,
+        100,
+        f"(b) {IO_SECONDS * 1000:g} ms non-blocking wait, prefetch 100 (bound {100 / IO_SECONDS:,.0f} msg/s)",
+    ),
+    "blocking": (
+        100,
+        100,
+        f"(c) {IO_SECONDS * 1000:g} ms blocking in {THREADS} threads (bound {THREADS / IO_SECONDS:,.0f} msg/s)",
+    ),
+    "large": (64 * 1024, 100, "(d) no-op handler, 64 KiB bodies, prefetch 100"),
+}
+
+
+def fill(url: str, queue: str, count: int, size: int) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.queue_delete(queue)
+    channel.queue_declare(queue, durable=True)
+    body = b"x" * size
+    channel.confirm_delivery()
+    for _ in range(count):
+        channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=1))
+    connection.close()
+
+
+def run_one(node: RabbitNode, name: str, workload: str, count: int) -> dict[str, float]:
+    size, prefetch, _ = WORKLOADS[workload]
+    queue = f"bench-{workload}"
+    fill(node.url(), queue, count, size)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.contenders", name, "--url", node.url(), "--queue", queue,
+         "--count", str(count), "--prefetch", str(prefetch), "--workload", workload],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} {workload} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 30
+    while True:  # every message acked, nothing left behind
+        stats = node.list_queues().get(queue)
+        if stats is not None and stats.messages_ready == stats.messages_unacknowledged == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} {workload}: queue not empty afterwards: {stats}")
+        time.sleep(0.2)
+    return result
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import aio_pika
+    import kombu
+
+    import twisted
+
+    return (
+        f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}; pika {pika.__version__}, "
+        f"Twisted {twisted.__version__}, aio-pika {aio_pika.__version__}, kombu {kombu.__version__}; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--count", type=int, default=20_000, help="messages per run (noop, large)")
+    parser.add_argument(
+        "--io-count", type=int, default=10_000, help="messages per run (io, blocking)"
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workloads", default="noop,io,blocking,large")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument(
+        "--long",
+        type=int,
+        default=0,
+        help="also consume this many messages with consumer_svc and report RSS over time (e.g. 1000000)",
+    )
+    args = parser.parse_args()
+    contenders = args.contenders.split(",")
+    print(f"# consumer_svc benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}\n# {machine()}")
+    with RabbitNode(tempfile.mkdtemp(prefix="bench-rabbit-")) as node:
+        node.start()
+        print(f"# RabbitMQ node {node.nodename} on 127.0.0.1:{node.amqp_port}\n")
+        for workload in args.workloads.split(","):
+            count = args.io_count if workload in ("io", "blocking") else args.count
+            results: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+            for rep in range(args.repeat):
+                order = contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
+                for name in order:
+                    results[name].append(run_one(node, name, workload, count))
+            print(f"## {WORKLOADS[workload][2]}, {count:,} messages, {args.repeat} runs each\n")
+            print(
+                "| contender | msg/s (median) | spread | CPU s / 10k msgs | peak RSS MiB | vs pika-twisted msg/s |"
+            )
+            print("|---|---|---|---|---|---|")
+            base = (
+                statistics.median(
+                    r["messages"] / r["seconds"] for r in results.get("pika-twisted", [])
+                )
+                if results.get("pika-twisted")
+                else None
+            )
+            for name in contenders:
+                rates = [r["messages"] / r["seconds"] for r in results[name]]
+                cpu = statistics.median(
+                    r["cpu_seconds"] / r["messages"] * 10_000 for r in results[name]
+                )
+                rss = max(r["peak_rss_kib"] for r in results[name]) / 1024
+                median = statistics.median(rates)
+                ratio = f"{median / base:.2f}x" if base else "-"
+                print(
+                    f"| {name} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {cpu:.2f} | {rss:.0f} | {ratio} |"
+                )
+            print(flush=True)
+        if args.long:
+            print(f"## (e) consumer_svc, {args.long:,} no-op messages: RSS over time\n")
+            result = run_one(node, "consumer_svc", "noop", args.long)
+            samples = result["rss_samples"]
+            for t, kib in samples:
+                print(f"    {t:8.1f} s  {kib / 1024:7.1f} MiB")
+            if len(samples) >= 3:
+                half = samples[len(samples) // 3 :]
+                slope = statistics.linear_regression(
+                    [t for t, _ in half], [k for _, k in half]
+                ).slope
+                print(
+                    f"\n    RSS slope over the last two thirds: {slope:+.2f} KiB/s; {result['messages'] / result['seconds']:,.0f} msg/s\n"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""One contender consumes COUNT messages and prints one JSON line of figures.
+
+Run as ``python -m benchmarks.contenders NAME --url URL --queue Q --count N
+--prefetch P --workload W``; each contender runs in a process of its own, so
+its CPU time and peak RSS are its own. The clock starts at the first delivery
+and stops when the last message's ack has been handed to the client library.
+Workloads: ``noop`` (no work), ``io`` (10 ms of non-blocking waiting),
+``blocking`` (10 ms of time.sleep in a thread pool of THREADS), ``large`` (no
+work; the body size is the publisher's business).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+IO_SECONDS = 0.010
+THREADS = 10
+
+
+class Meter:
+    """Counts acks; records the time and CPU at the first delivery and at the last ack."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.acked = 0
+        self.started: float | None = None
+        self.cpu_start = 0.0
+        self.finished: float | None = None
+        self.cpu_end = 0.0
+        self.samples: list[tuple[float, int]] = []
+
+    @staticmethod
+    def _cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def delivered(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+            self.cpu_start = self._cpu()
+
+    def ack(self) -> bool:
+        """Count one ack; True once all are in."""
+        self.acked += 1
+        if self.acked % 50_000 == 0:
+            self.samples.append((time.perf_counter(), _rss_kib()))
+        if self.acked == self.count:
+            self.finished = time.perf_counter()
+            self.cpu_end = self._cpu()
+            return True
+        return False
+
+    def report(self, name: str) -> None:
+        assert self.started is not None
+        assert self.finished is not None
+        print(
+            json.dumps(
+                {
+                    "contender": name,
+                    "messages": self.count,
+                    "seconds": self.finished - self.started,
+                    "cpu_seconds": self.cpu_end - self.cpu_start,
+                    "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    "rss_samples": [(round(t - self.started, 3), kib) for t, kib in self.samples],
+                }
+            ),
+            flush=True,
+        )
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+
+
+# -- consumer_svc, through its real service objects
+
+
+def consumer_svc(
+    url: str, queue: str, count: int, prefetch: int, workload: str, meter: Meter
+) -> None:
+    from twisted.internet import reactor, task
+
+    import consumer_svc as svc
+    from consumer_svc._service import ConsumerService
+    from consumer_svc._settings import Settings, parse_url
+
+    handler: Callable[[svc.Message], Any]
+    if workload == "io":
+
+        def handler(message: svc.Message) -> Any:
+            meter.delivered()
+            return task.deferLater(reactor, IO_SECONDS, lambda: None)
+
+    elif workload == "blocking":
+
+        @svc.blocking
+        def handler(message: svc.Message) -> Any:
+            meter.delivered()
+            time.sleep(IO_SECONDS)
+
+    else:
+
+        def handler(message: svc.Message) -> None:
+            meter.delivered()
+
+    settings = Settings(
+        url=parse_url(url), queue=queue, prefetch=prefetch, threads=THREADS, heartbeat=60
+    )
+    service = ConsumerService(settings, handler, exit=lambda status: None)
+
+    def settled(outcome: Any) -> None:
+        if meter.ack():
+            reactor.callLater(0, stop)  # let the last coalesced ack be flushed first
+
+    def stop() -> None:
+        service.stopService().addBoth(lambda _: reactor.stop())
+
+    service.consumer.on_outcome = settled
+    reactor.callWhenRunning(service.startService)
+    reactor.run()
+
+
+# -- pika's own Twisted adapter, the loop its documentation shows
+
+
+def pika_twisted(
+    url: str, queue: str, count: int, prefetch: int, workload: str, meter: Meter
+) -> None:
+    import pika
+    from pika.adapters import twisted_connection
+    from twisted.internet import defer, protocol, reactor, task, threads
+
+    params = pika.URLParameters(url)
+
+    @defer.inlineCallbacks
+    def run(connection: Any) -> Any:
+        channel = yield connection.channel()
+        yield channel.basic_qos(prefetch_count=prefetch)
+        consume, _tag = yield channel.basic_consume(queue=queue, auto_ack=False)
+
+        def ack(_: object, method: Any) -> None:
+            channel.basic_ack(delivery_tag=method.delivery_tag)
+            if meter.ack():
+                # A clean close flushes the last acks before the process ends.
+                closed = connection.close()
+                if closed is None:
+                    reactor.stop()
+                else:
+                    closed.addBoth(lambda _: reactor.stop())
+
+        def handle(received: Any) -> None:
+            _ch, method, _props, _body = received
+            meter.delivered()
+            if workload == "io":
+                task.deferLater(reactor, IO_SECONDS, lambda: None).addCallback(ack, method)
+            elif workload == "blocking":
+                threads.deferToThread(time.sleep, IO_SECONDS).addCallback(ack, method)
+            else:
+                ack(None, method)
+            consume.get().addCallback(handle)
+
+        consume.get().addCallback(handle)
+
+    reactor.suggestThreadPoolSize(THREADS)
+    cc = protocol.ClientCreator(reactor, twisted_connection.TwistedProtocolConnection, params)
+    d = cc.connectTCP(params.host, params.port)
+    d.addCallback(lambda conn: conn.ready)
+    d.addCallback(run)
+    reactor.run()
+
+
+# -- pika SelectConnection
+
+
+def pika_select(
+    url: str, queue: str, count: int, prefetch: int, workload: str, meter: Meter
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pika
+
+    pool = ThreadPoolExecutor(THREADS)
+    state: dict[str, Any] = {}
+
+    def done(channel: Any, tag: int) -> None:
+        channel.basic_ack(tag)
+        if meter.ack():
+            state["connection"].close()
+
+    def on_message(channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        meter.delivered()
+        tag = method.delivery_tag
+        if workload == "io":
+            state["connection"].ioloop.call_later(IO_SECONDS, lambda: done(channel, tag))
+        elif workload == "blocking":
+
+            def work() -> None:
+                time.sleep(IO_SECONDS)
+                state["connection"].ioloop.add_callback_threadsafe(lambda: done(channel, tag))
+
+            pool.submit(work)
+        else:
+            done(channel, tag)
+
+    def on_channel(channel: Any) -> None:
+        channel.basic_qos(
+            prefetch_count=prefetch, callback=lambda _: channel.basic_consume(queue, on_message)
+        )
+
+    connection = pika.SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
+        on_close_callback=lambda conn, reason: conn.ioloop.stop(),
+    )
+    state["connection"] = connection
+    connection.ioloop.start()
+    pool.shutdown()
+
+
+# -- aio-pika
+
+
+def aio_pika(url: str, queue: str, count: int, prefetch: int, workload: str, meter: Meter) -> None:
+    import asyncio
+
+    import aio_pika as aio
+
+    async def main() -> None:
+        connection = await aio.connect_robust(url)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        q = await channel.declare_queue(queue, passive=True)
+        finished = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def on_message(message: Any) -> None:
+            meter.delivered()
+            if workload == "io":
+                await asyncio.sleep(IO_SECONDS)
+            elif workload == "blocking":
+                await loop.run_in_executor(None, time.sleep, IO_SECONDS)
+            await message.ack()
+            if meter.ack():
+                finished.set()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop.set_default_executor(ThreadPoolExecutor(THREADS))
+        await q.consume(on_message)
+        await finished.wait()
+        await connection.close()
+
+    asyncio.run(main())
+
+
+# -- kombu
+
+
+def kombu(url: str, queue: str, count: int, prefetch: int, workload: str, meter: Meter) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import kombu as k
+
+    pool = ThreadPoolExecutor(THREADS)
+    pending: list[Any] = []
+    lock = threading.Lock()
+
+    with k.Connection(url) as connection:
+        q = k.Queue(queue, durable=True, no_declare=True)
+
+        def on_message(body: Any, message: Any) -> None:
+            meter.delivered()
+            if workload == "blocking":
+                # kombu's channel is not thread-safe: ack from the consuming thread.
+                pool.submit(
+                    lambda: (
+                        time.sleep(IO_SECONDS),
+                        lock.acquire(),
+                        pending.append(message),
+                        lock.release(),
+                    )
+                )
+                return
+            if workload == "io":
+                time.sleep(IO_SECONDS)  # kombu has no event loop of its own to wait on
+            message.ack()
+            meter.ack()
+
+        with connection.Consumer(q, callbacks=[on_message], accept=None, prefetch_count=prefetch):
+            while meter.acked < count:
+                try:
+                    connection.drain_events(timeout=0.01)
+                except TimeoutError:
+                    pass
+                except OSError as e:
+                    if "timed out" not in str(e):
+                        raise
+                with lock:
+                    ready, pending[:] = list(pending), []
+                for message in ready:
+                    message.ack()
+                    meter.ack()
+    pool.shutdown()
+
+
+CONTENDERS = {
+    "consumer_svc": consumer_svc,
+    "pika-twisted": pika_twisted,
+    "pika-select": pika_select,
+    "aio-pika": aio_pika,
+    "kombu": kombu,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.contenders")
+    parser.add_argument("name", choices=sorted(CONTENDERS))
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--prefetch", type=int, default=100)
+    parser.add_argument("--workload", choices=["noop", "io", "blocking", "large"], default="noop")
+    args = parser.parse_args(argv)
+    meter = Meter(args.count)
+    CONTENDERS[args.name](args.url, args.queue, args.count, args.prefetch, args.workload, meter)
+    meter.report(args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
