@@ -44,22 +44,33 @@ WORKLOADS = {
 }
 
 
-def fill(url: str, queue: str, count: int, size: int) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+def fill(node: RabbitNode, queue: str, count: int, size: int) -> None:
+    """Fill ``queue`` with ``count`` transient messages (publishing is not what is measured)."""
+    connection = pika.BlockingConnection(pika.URLParameters(node.url()))
     channel = connection.channel()
     channel.queue_delete(queue)
     channel.queue_declare(queue, durable=True)
     body = b"x" * size
-    channel.confirm_delivery()
-    for _ in range(count):
-        channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=1))
+    properties = pika.BasicProperties(delivery_mode=1)
+    for i in range(count):
+        channel.basic_publish("", queue, body, properties)
+        if i % 10_000 == 9_999:
+            connection.process_data_events(0)  # let the broker push back
     connection.close()
+    deadline = time.monotonic() + 300
+    while True:  # without confirms, count what arrived
+        stats = node.list_queues().get(queue)
+        if stats is not None and stats.messages_ready == count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"filling {queue}: {stats} after 300 s, expected {count}")
+        time.sleep(0.2)
 
 
 def run_one(node: RabbitNode, name: str, workload: str, count: int) -> dict[str, float]:
     size, prefetch, _ = WORKLOADS[workload]
     queue = f"bench-{workload}"
-    fill(node.url(), queue, count, size)
+    fill(node, queue, count, size)
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.contenders", name, "--url", node.url(), "--queue", queue,
          "--count", str(count), "--prefetch", str(prefetch), "--workload", workload],
