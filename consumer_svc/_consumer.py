@@ -19,6 +19,7 @@ from typing import Any
 from pika import exceptions as pika_errors
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -86,7 +87,9 @@ class Delivery:
     started: float = 0.0
     phase: Phase = Phase.HANDLING
     result: Deferred[Any] | None = None
-    #: The --handler-timeout while handling; the pause while holding.
+    #: When a pending handler runs out of --handler-timeout (the clock's seconds).
+    deadline: float = 0.0
+    #: The hand-back pause while holding.
     timer: IDelayedCall | None = None
     timed_out: bool = False
     #: Set at the shutdown deadline: whatever happens to it next is ignored.
@@ -126,6 +129,7 @@ class Consumer:
     _declared: set[str] = field(default_factory=set)
     _drained: Deferred[None] | None = None
     _deadline: IDelayedCall | None = None
+    _sweeper: LoopingCall | None = None
 
     def __post_init__(self) -> None:
         self.publisher = Publisher(self.clock, self.settings.publish_timeout)
@@ -293,9 +297,10 @@ class Consumer:
                 self._warn_stall(held, tag)
         if isinstance(result, Deferred):
             if not result.called:
-                delivery.timer = self.clock.callLater(
-                    self.settings.handler_timeout, self._timed_out, delivery
-                )
+                # One sweep a second checks the deadlines: cheaper than a timer per message.
+                delivery.deadline = self.clock.seconds() + self.settings.handler_timeout
+                if self._sweeper is None:
+                    self._start_sweeping()
             delivery.result = result
             result.addCallbacks(
                 self._succeeded, self._failed, callbackArgs=(delivery,), errbackArgs=(delivery,)
@@ -315,12 +320,31 @@ class Consumer:
             stall_seconds=held,
         )
 
-    def _timed_out(self, delivery: Delivery) -> None:
-        delivery.timer = None
-        delivery.timed_out = True
-        assert delivery.result is not None
-        # Our errback sees the CancelledError and treats it as a failure.
-        delivery.result.cancel()
+    def _start_sweeping(self) -> None:
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(min(1.0, self.settings.handler_timeout / 4), now=False)
+
+    def _stop_sweeping(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+
+    def _sweep(self) -> None:
+        """Cancel handlers past --handler-timeout; stop sweeping once none is pending."""
+        now, pending = self.clock.seconds(), False
+        for delivery in list(self.inflight):
+            result = delivery.result
+            if delivery.phase is not Phase.HANDLING or result is None or result.called:
+                continue
+            if delivery.deadline <= now and not delivery.abandoned:
+                delivery.timed_out = True
+                # Our errback sees the CancelledError and treats it as a failure.
+                result.cancel()
+            else:
+                pending = True
+        if not pending:
+            self._stop_sweeping()
 
     def _succeeded(self, _result: object, delivery: Delivery) -> None:
         if delivery.abandoned:
@@ -475,6 +499,7 @@ class Consumer:
                 self._settle(delivery, Outcome.REJECTED)
         if not self.inflight:
             self.flush()
+            self._stop_sweeping()
             self.state = ConsumerState.STOPPED
             return succeed(None)
         self._drained = Deferred()
@@ -506,6 +531,7 @@ class Consumer:
 
     def _finish_drain(self) -> None:
         self.flush()
+        self._stop_sweeping()
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
