@@ -408,9 +408,6 @@ class AMQPFactory(ReconnectingClientFactory):
         self.retries = 0
         self.delay = self.backoff.initial
 
-    def pending_retry(self) -> bool:
-        return self._callID is not None
-
 
 class Channel:
     """The few channel operations the consumer needs, with pika's quirks contained.

@@ -128,7 +128,6 @@ class ConsumerService(Service):
         self._random = random
         self._exit = exit or functools.partial(exit_process, reactor=reactor)
         self._connection: AMQPConnection | None = None
-        self._connector: Any = None
         self.notifier = notifier or Notifier()
         self._ready_sent = False
         self._last_cause = ""
@@ -174,16 +173,13 @@ class ConsumerService(Service):
             self._watchdog = LoopingCall(self._watchdog_ping)
             self._watchdog.clock = self._reactor
             self._watchdog.start(self.notifier.watchdog_interval, now=False)
-        self._connect()
+        self.factory.connect()
 
     def _watchdog_ping(self) -> None:
         # This runs, so the reactor is responsive; the connection is healthy
         # or being recovered as designed unless we gave up.
         if self.state is not State.FAILED:
             self.notifier.notify(WATCHDOG=1)
-
-    def _connect(self) -> None:
-        self._connector = self.factory.connect()
 
     # -- what the connection tells us (ConnectionListener)
 

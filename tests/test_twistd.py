@@ -157,7 +157,7 @@ def test_bad_input_stops_before_connecting(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_daemon_mode_detaches_drops_privileges_and_cleans_up(
-    rabbit: RabbitNode, queue_name: str, tmp_path: Path
+    rabbit: RabbitNode, queue_name: str
 ) -> None:
     """Without -n twistd detaches, writes its pidfile, logs to its file and runs as --uid/--gid; SIGTERM stops it and removes the pidfile."""
     import pwd
