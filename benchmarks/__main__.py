@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,54 +129,61 @@ def main() -> None:
     args = parser.parse_args()
     contenders = args.contenders.split(",")
     print(f"# consumer_svc benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}\n# {machine()}")
-    with RabbitNode(tempfile.mkdtemp(prefix="bench-rabbit-")) as node:
-        node.start()
-        print(f"# RabbitMQ node {node.nodename} on 127.0.0.1:{node.amqp_port}\n")
-        for workload in args.workloads.split(","):
-            count = args.io_count if workload in ("io", "blocking") else args.count
-            results: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
-            for rep in range(args.repeat):
-                order = contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
-                for name in order:
-                    results[name].append(run_one(node, name, workload, count))
-            print(f"## {WORKLOADS[workload][2]}, {count:,} messages, {args.repeat} runs each\n")
-            print(
-                "| contender | msg/s (median) | spread | CPU s / 10k msgs | peak RSS MiB | vs pika-twisted msg/s |"
-            )
-            print("|---|---|---|---|---|---|")
-            base = (
-                statistics.median(
-                    r["messages"] / r["seconds"] for r in results.get("pika-twisted", [])
-                )
-                if results.get("pika-twisted")
-                else None
-            )
-            for name in contenders:
-                rates = [r["messages"] / r["seconds"] for r in results[name]]
-                cpu = statistics.median(
-                    r["cpu_seconds"] / r["messages"] * 10_000 for r in results[name]
-                )
-                rss = max(r["peak_rss_kib"] for r in results[name]) / 1024
-                median = statistics.median(rates)
-                ratio = f"{median / base:.2f}x" if base else "-"
+    base = tempfile.mkdtemp(prefix="bench-rabbit-")
+    try:
+        with RabbitNode(base) as node:
+            node.start()
+            print(f"# RabbitMQ node {node.nodename} on 127.0.0.1:{node.amqp_port}\n")
+            for workload in args.workloads.split(","):
+                count = args.io_count if workload in ("io", "blocking") else args.count
+                results: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+                for rep in range(args.repeat):
+                    order = (
+                        contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
+                    )
+                    for name in order:
+                        results[name].append(run_one(node, name, workload, count))
+                print(f"## {WORKLOADS[workload][2]}, {count:,} messages, {args.repeat} runs each\n")
                 print(
-                    f"| {name} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {cpu:.2f} | {rss:.0f} | {ratio} |"
+                    "| contender | msg/s (median) | spread | CPU s / 10k msgs | peak RSS MiB | vs pika-twisted msg/s |"
                 )
-            print(flush=True)
-        if args.long:
-            print(f"## (e) consumer_svc, {args.long:,} no-op messages: RSS over time\n")
-            result = run_one(node, "consumer_svc", "noop", args.long)
-            samples = result["rss_samples"]
-            for t, kib in samples:
-                print(f"    {t:8.1f} s  {kib / 1024:7.1f} MiB")
-            if len(samples) >= 3:
-                half = samples[len(samples) // 3 :]
-                slope = statistics.linear_regression(
-                    [t for t, _ in half], [k for _, k in half]
-                ).slope
-                print(
-                    f"\n    RSS slope over the last two thirds: {slope:+.2f} KiB/s; {result['messages'] / result['seconds']:,.0f} msg/s\n"
+                print("|---|---|---|---|---|---|")
+                base = (
+                    statistics.median(
+                        r["messages"] / r["seconds"] for r in results.get("pika-twisted", [])
+                    )
+                    if results.get("pika-twisted")
+                    else None
                 )
+                for name in contenders:
+                    rates = [r["messages"] / r["seconds"] for r in results[name]]
+                    cpu = statistics.median(
+                        r["cpu_seconds"] / r["messages"] * 10_000 for r in results[name]
+                    )
+                    rss = max(r["peak_rss_kib"] for r in results[name]) / 1024
+                    median = statistics.median(rates)
+                    ratio = f"{median / base:.2f}x" if base else "-"
+                    print(
+                        f"| {name} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {cpu:.2f} | {rss:.0f} | {ratio} |"
+                    )
+                print(flush=True)
+            if args.long:
+                print(f"## (e) consumer_svc, {args.long:,} no-op messages: RSS over time\n")
+                result = run_one(node, "consumer_svc", "noop", args.long)
+                samples = result["rss_samples"]
+                for t, kib in samples:
+                    print(f"    {t:8.1f} s  {kib / 1024:7.1f} MiB")
+                if len(samples) >= 3:
+                    half = samples[len(samples) // 3 :]
+                    slope = statistics.linear_regression(
+                        [t for t, _ in half], [k for _, k in half]
+                    ).slope
+                    print(
+                        f"\n    RSS slope over the last two thirds: {slope:+.2f} KiB/s; {result['messages'] / result['seconds']:,.0f} msg/s\n"
+                    )
+
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # the node's data and logs
 
 
 if __name__ == "__main__":

@@ -67,12 +67,21 @@ class Meter:
                     "messages": self.count,
                     "seconds": self.finished - self.started,
                     "cpu_seconds": self.cpu_end - self.cpu_start,
-                    "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                    "peak_rss_kib": _peak_rss_kib(),
                     "rss_samples": [(round(t - self.started, 3), kib) for t, kib in self.samples],
                 }
             ),
             flush=True,
         )
+
+
+def _peak_rss_kib() -> int:
+    """This process's own high-water mark (ru_maxrss would carry the parent's over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _rss_kib() -> int:
@@ -116,7 +125,10 @@ def consumer_svc(
     )
     service = ConsumerService(settings, handler, exit=lambda status: None)
 
+    count_outcome = service.consumer.on_outcome  # the real path, metrics included
+
     def settled(outcome: Any) -> None:
+        count_outcome(outcome)
         if meter.ack():
             reactor.callLater(0, stop)  # let the last coalesced ack be flushed first
 

@@ -29,8 +29,11 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in ("acked", "rejected", "retried", "dead_lettered", "requeued"):
-            self.messages.labels(outcome)  # present at 0 from the start
+        # Children looked up once (present at 0 from the start), not per message.
+        self._by_outcome = {
+            outcome: self.messages.labels(outcome)
+            for outcome in ("acked", "rejected", "retried", "dead_lettered", "requeued")
+        }
         self.handler_seconds = Histogram(
             "consumer_handler_seconds",
             "How long handlers took, successful or not.",
@@ -57,11 +60,14 @@ class Metrics:
             "Unix time of the last ack sent.",
             registry=self.registry,
         )
+        # Read when scraped; the per-message path only stores a float.
+        self._last_ack = 0.0
+        self.last_ack.set_function(lambda: self._last_ack)
 
     def settled(self, outcome: str) -> None:
-        self.messages.labels(outcome).inc()
+        self._by_outcome[outcome].inc()
         if outcome in ACKED:
-            self.last_ack.set(time.time())
+            self._last_ack = time.time()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
