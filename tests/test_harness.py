@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 
@@ -11,21 +10,11 @@ import pika.exceptions
 import pytest
 import pytest_twisted
 from amqp_tools import connect, declare, get_all, publish, queue_counts
-from rabbitmq import CtlError, QueueStats, RabbitNode, RabbitNodeError
+from rabbitmq import CtlError, QueueStats, RabbitNode, RabbitNodeError, _port_is_free
 from twisted.internet.defer import Deferred
 from waiting import Timeout, eventually, poll_until, within
 
 RabbitFactory = Callable[..., RabbitNode]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _alive(pid: int) -> bool:
@@ -161,7 +150,7 @@ def test_after_stop_nothing_of_the_node_remains(rabbit_factory: RabbitFactory) -
     node.stop()
     assert node.leftover_pids() == []
     assert [p for p in pids if _alive(p)] == []
-    assert all(_port_free(p) for p in (node.amqp_port, node.dist_port, node.epmd_port))
+    assert all(_port_is_free(p) for p in (node.amqp_port, node.dist_port, node.epmd_port))
     node.stop()
     with pytest.raises(RabbitNodeError):
         node.ctl("status")
