@@ -4,14 +4,17 @@ A multiple-ack covers every delivery up to its tag that the broker still
 counts as unacknowledged. So it is sent only up to the first delivery still
 in flight; deliveries that finished beyond that gap are acked one by one in
 the same flush, so that a slow handler never holds back the acks of others.
+
+A flush waits for the end of the socket read that brought the deliveries
+(synchronous handlers) or for the next reactor turn (handlers that finished
+on a timer, a thread or other I/O), so one frame carries what finished together.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
-
-from twisted.internet.interfaces import IReactorTime
 
 
 class _AckTarget(Protocol):
@@ -24,13 +27,14 @@ class _AckTarget(Protocol):
 
     def reject(self, delivery_tag: int, requeue: bool = False) -> None: ...
 
+    def soon(self, call: Callable[[], None]) -> None: ...
+
 
 class Acks:
-    """Settles the deliveries of one channel; acks wait for the end of the reactor turn."""
+    """Settles the deliveries of one channel; acks wait for the end of the current read or turn."""
 
-    def __init__(self, channel: _AckTarget, clock: IReactorTime) -> None:
+    def __init__(self, channel: _AckTarget) -> None:
         self.channel = channel
-        self._clock = clock
         #: Delivered and not yet settled on the wire, in delivery (= tag) order.
         self._outstanding: deque[int] = deque()
         #: Finished with an ack that is not sent yet.
@@ -46,7 +50,7 @@ class Acks:
         self._done.add(tag)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._clock.callLater(0, self.flush)
+            self.channel.soon(self.flush)
 
     def nack(self, tag: int) -> None:
         """Hand back, requeued: sent at once (a nack, so a quorum queue's delivery-limit does not count it)."""

@@ -22,7 +22,13 @@ from pika import spec
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from twisted.internet import error as net_errors
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.python.failure import Failure
 
@@ -193,6 +199,8 @@ class AMQPConnection(TwistedProtocolConnection):
         self._timer: IDelayedCall | None = None
         self._first_error: BaseException | None = None
         self._waiting_for_loss: list[Deferred[None]] = []
+        self._reading = False
+        self._after_read: list[Callable[[], None]] = []
         self.opened = False
         self.lost = False
         assert self.ready is not None
@@ -215,6 +223,10 @@ class AMQPConnection(TwistedProtocolConnection):
     # -- lifecycle
 
     def connectionMade(self) -> None:
+        # As pika does for the transports it makes itself: acks are small
+        # writes that must not wait for the broker's TCP acknowledgement.
+        if isinstance(self.transport, ITCPTransport):
+            self.transport.setTcpNoDelay(True)
         self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
 
     def connectionReady(self) -> AMQPConnection:
@@ -295,6 +307,29 @@ class AMQPConnection(TwistedProtocolConnection):
             self._abort()
         return d
 
+    # -- reading
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._reading = False
+            after, self._after_read = self._after_read, []
+            for call in after:
+                call()
+
+    def soon(self, call: Callable[[], None]) -> None:
+        """Call ``call`` once the bytes being read now are processed, else on the next reactor turn.
+
+        Whatever handlers finish while one read is processed (every synchronous
+        one) is settled in one go at its end, before the reactor polls again.
+        """
+        if self._reading:
+            self._after_read.append(call)
+        else:
+            self._clock.callLater(0, call)
+
     # -- broker flow control
 
     def _on_blocked(self, _connection: object, frame: Any) -> None:
@@ -308,7 +343,7 @@ class AMQPConnection(TwistedProtocolConnection):
     def open_channel(self) -> Deferred[Channel]:
         """A new channel, wrapped."""
         d: Deferred[Any] = self.channel()
-        return d.addCallback(Channel)
+        return d.addCallback(Channel, self.soon)
 
 
 class AMQPFactory(ReconnectingClientFactory):
@@ -417,8 +452,10 @@ class Channel:
     delivery costs a function call, not a Deferred.
     """
 
-    def __init__(self, channel: TwistedChannel) -> None:
+    def __init__(self, channel: TwistedChannel, soon: Callable[[Callable[[], None]], None]) -> None:
         self._twisted: Any = channel
+        #: Runs a call at the end of the current read, or on the next reactor turn.
+        self.soon = soon
         self._pika: Any = channel._channel
         self._pending: set[Deferred[Any]] = set()
         self.closed: Deferred[BaseException] = Deferred()

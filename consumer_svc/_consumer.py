@@ -154,7 +154,7 @@ class Consumer:
             self.publisher.channel = publishing
             channel: Channel = yield connection.open_channel()
             self.channel = channel
-            self.acks = Acks(channel, self.clock)
+            self.acks = Acks(channel)
             channel.closed.addCallback(self._channel_closed, channel, "channel")
             channel.on_cancelled = self._cancelled_by_broker
             yield self._declare(channel)
@@ -295,7 +295,7 @@ class Consumer:
             held = self.monotonic() - started
             if held >= STALL_WARNING and not self.invoke.blocking:
                 self._warn_stall(held, tag)
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):  # None: the common, fast case
             if not result.called:
                 # One sweep a second checks the deadlines: cheaper than a timer per message.
                 delivery.deadline = self.clock.seconds() + self.settings.handler_timeout

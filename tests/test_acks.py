@@ -63,7 +63,7 @@ def test_a_run_of_finished_deliveries_is_acked_once() -> None:
 def test_finished_deliveries_beyond_one_in_flight_are_acked_one_by_one() -> None:
     """A slow first message stops the multiple-ack short of it; the others are acked singly, not held."""
     clock = Clock()
-    acks = Acks(Broker(clock), clock)
+    acks = Acks(Broker(clock))
     channel = acks.channel
     assert isinstance(channel, Broker)
     for tag in (1, 2, 3, 4):

@@ -214,3 +214,26 @@ def test_connection_parameters_carry_credentials_and_a_name() -> None:
         "alice",
     )
     assert params.client_properties["connection_name"].startswith("consumer_svc q on ")
+
+
+def test_what_finishes_during_a_read_is_flushed_at_its_end_and_the_rest_on_the_next_turn() -> None:
+    """Synchronous handlers' acks leave together, right after the read that brought their messages."""
+    clock, listener = Clock(), Listener()
+    connection, _ = connected(clock, listener)
+    events: list[str] = []
+
+    def pika_processes(data: bytes) -> None:  # pika decodes the frames and runs each handler
+        for n in (1, 2):
+            events.append(f"handled {n}")
+            connection.soon(lambda n=n: events.append(f"flush {n}"))
+
+    impl: Any = connection._impl
+    impl.data_received = pika_processes
+    connection.dataReceived(b"two deliveries")
+    assert events == ["handled 1", "handled 2", "flush 1", "flush 2"]
+
+    events.clear()
+    connection.soon(lambda: events.append("flush 3"))  # a handler finished on a timer or thread
+    assert events == []
+    clock.advance(0)
+    assert events == ["flush 3"]

@@ -62,6 +62,13 @@ class FakeChannel:
         self.cancelled = True
         return succeed(None)
 
+    def soon(self, call: Callable[[], None]) -> None:
+        """As the real channel: after the current read, here the Clock's next turn."""
+        if self.clock is None:
+            call()
+        else:
+            self.clock.callLater(0, call)
+
     @property
     def settled(self) -> list[tuple[str, int]]:
         """What was settled on the wire, once the current reactor turn ended (acks wait for it)."""

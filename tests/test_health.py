@@ -16,6 +16,7 @@ from twisted.web.server import Site
 from waiting import eventually, within
 
 from consumer_svc import Message, Reject
+from consumer_svc._health import Metrics
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -80,3 +81,26 @@ async def test_probes_follow_the_service_and_metrics_count_outcomes(
         assert (await deferToThread(get, http, "/readyz"))[0] == 200
     finally:
         await within(10, maybeDeferred(port.stopListening))
+
+
+def test_handler_durations_land_in_cumulative_buckets_and_outcomes_are_counted() -> None:
+    """The per-message figures are plain numbers until scraped; the exposition is Prometheus's own."""
+    metrics = Metrics(inflight=lambda: 3)
+    for seconds in (0.0005, 0.001, 0.002, 0.01, 700.0):  # 0.001 sits on a bound: le="0.001"
+        metrics.handled(seconds)
+    metrics.settled("acked")
+    metrics.settled("acked")
+    metrics.settled("requeued")
+    text = metrics.render().decode()
+    assert metric(text, 'consumer_handler_seconds_bucket{le="0.001"}') == 2
+    assert metric(text, 'consumer_handler_seconds_bucket{le="0.005"}') == 3
+    assert metric(text, 'consumer_handler_seconds_bucket{le="0.01"}') == 4
+    assert metric(text, 'consumer_handler_seconds_bucket{le="600.0"}') == 4
+    assert metric(text, 'consumer_handler_seconds_bucket{le="+Inf"}') == 5
+    assert metric(text, "consumer_handler_seconds_count") == 5
+    assert metric(text, "consumer_handler_seconds_sum") == 700.0135
+    assert metric(text, 'consumer_messages_total{outcome="acked"}') == 2
+    assert metric(text, 'consumer_messages_total{outcome="requeued"}') == 1
+    assert metric(text, 'consumer_messages_total{outcome="rejected"}') == 0
+    assert metric(text, "consumer_inflight") == 3
+    assert metric(text, "consumer_last_ack_timestamp_seconds") > 0
