@@ -7,6 +7,7 @@ spread (min-max) and ratios to pika's raw Twisted loop, measured in this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -68,19 +69,35 @@ def fill(node: RabbitNode, queue: str, count: int, size: int) -> None:
         time.sleep(0.2)
 
 
-def run_one(node: RabbitNode, name: str, workload: str, count: int) -> dict[str, float]:
+#: msg/s no consumer can exceed: prefetch / latency and threads / latency.
+BOUNDS = {"io": 100 / IO_SECONDS, "blocking": THREADS / IO_SECONDS}
+
+#: Not a consumer: the io workload's waits alone, without a broker (contenders.py).
+CEILING = "timer-ceiling"
+
+
+def run_one(
+    node: RabbitNode, name: str, workload: str, count: int, options: argparse.Namespace
+) -> dict[str, float]:
     size, prefetch, _ = WORKLOADS[workload]
     queue = f"bench-{workload}"
-    fill(node, queue, count, size)
+    if name != CEILING:
+        fill(node, queue, count, size)
+    broker_before = broker_cpu_seconds(node)
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.contenders", name, "--url", node.url(), "--queue", queue,
-         "--count", str(count), "--prefetch", str(prefetch), "--workload", workload],
+         "--count", str(count), "--prefetch", str(prefetch), "--workload", workload,
+         "--reactor", options.reactor, *(["--cpu", "1"] if options.pin else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{name} {workload} failed:\n{out.stderr[-3000:]}")
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    # Includes the contender's connection set-up and close: a little more than its messages cost.
+    result["broker_cpu_seconds"] = broker_cpu_seconds(node) - broker_before
+    if name == CEILING:
+        return result
     deadline = time.monotonic() + 30
     while True:  # every message acked, nothing left behind
         stats = node.list_queues().get(queue)
@@ -90,6 +107,25 @@ def run_one(node: RabbitNode, name: str, workload: str, count: int) -> dict[str,
             raise RuntimeError(f"{name} {workload}: queue not empty afterwards: {stats}")
         time.sleep(0.2)
     return result
+
+
+def broker_cpu_seconds(node: RabbitNode) -> float:
+    """User + system CPU time of the node's processes so far."""
+    ticks = 0
+    for pid in node.leftover_pids():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pin_broker(node: RabbitNode) -> None:
+    """Every thread of the node's processes onto CPU 0 (the contenders get CPU 1)."""
+    for pid in node.leftover_pids():
+        with contextlib.suppress(OSError):  # a process or thread that ended meanwhile
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), {0})
 
 
 def machine() -> str:
@@ -126,28 +162,47 @@ def main() -> None:
         default=0,
         help="also consume this many messages with consumer_svc and report RSS over time (e.g. 1000000)",
     )
+    parser.add_argument(
+        "--reactor",
+        choices=["epoll", "select", "poll"],
+        default="epoll",
+        help="the reactor of the Twisted contenders (twistd's default on Linux is epoll)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="broker on CPU 0, contenders on CPU 1: shows which side sets the pace",
+    )
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs two CPUs")
     contenders = args.contenders.split(",")
     print(f"# consumer_svc benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}\n# {machine()}")
     base = tempfile.mkdtemp(prefix="bench-rabbit-")
     try:
         with RabbitNode(base) as node:
             node.start()
-            print(f"# RabbitMQ node {node.nodename} on 127.0.0.1:{node.amqp_port}\n")
+            if args.pin:
+                pin_broker(node)
+            print(
+                f"# RabbitMQ node {node.nodename} on 127.0.0.1:{node.amqp_port}; Twisted reactor: "
+                f"{args.reactor}; {'broker on CPU 0, contenders on CPU 1' if args.pin else 'not pinned'}\n"
+            )
             for workload in args.workloads.split(","):
                 count = args.io_count if workload in ("io", "blocking") else args.count
-                results: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+                names = contenders + ([CEILING] if workload == "io" else [])
+                results: dict[str, list[dict[str, float]]] = {c: [] for c in names}
                 for rep in range(args.repeat):
-                    order = (
-                        contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
-                    )
+                    order = names[rep % len(names) :] + names[: rep % len(names)]
                     for name in order:
-                        results[name].append(run_one(node, name, workload, count))
+                        results[name].append(run_one(node, name, workload, count, args))
                 print(f"## {WORKLOADS[workload][2]}, {count:,} messages, {args.repeat} runs each\n")
+                bound = BOUNDS.get(workload)
                 print(
-                    "| contender | msg/s (median) | spread | CPU s / 10k msgs | peak RSS MiB | vs pika-twisted msg/s |"
+                    "| contender | msg/s (median) | spread | CPU s / 10k msgs | broker CPU s / 10k | peak RSS MiB | vs pika-twisted msg/s |"
+                    + (" of the bound |" if bound else "")
                 )
-                print("|---|---|---|---|---|---|")
+                print("|---|---|---|---|---|---|---|" + ("---|" if bound else ""))
                 base = (
                     statistics.median(
                         r["messages"] / r["seconds"] for r in results.get("pika-twisted", [])
@@ -155,21 +210,25 @@ def main() -> None:
                     if results.get("pika-twisted")
                     else None
                 )
-                for name in contenders:
+                for name in names:
                     rates = [r["messages"] / r["seconds"] for r in results[name]]
                     cpu = statistics.median(
                         r["cpu_seconds"] / r["messages"] * 10_000 for r in results[name]
+                    )
+                    broker = statistics.median(
+                        r["broker_cpu_seconds"] / r["messages"] * 10_000 for r in results[name]
                     )
                     rss = max(r["peak_rss_kib"] for r in results[name]) / 1024
                     median = statistics.median(rates)
                     ratio = f"{median / base:.2f}x" if base else "-"
                     print(
-                        f"| {name} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {cpu:.2f} | {rss:.0f} | {ratio} |"
+                        f"| {name} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | {cpu:.2f} | {broker:.2f} | {rss:.0f} | {ratio} |"
+                        + (f" {median / bound:.1%} |" if bound else "")
                     )
                 print(flush=True)
             if args.long:
                 print(f"## (e) consumer_svc, {args.long:,} no-op messages: RSS over time\n")
-                result = run_one(node, "consumer_svc", "noop", args.long)
+                result = run_one(node, "consumer_svc", "noop", args.long, args)
                 samples = result["rss_samples"]
                 for t, kib in samples:
                     print(f"    {t:8.1f} s  {kib / 1024:7.1f} MiB")

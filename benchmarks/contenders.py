@@ -4,6 +4,9 @@ Run as ``python -m benchmarks.contenders NAME --url URL --queue Q --count N
 --prefetch P --workload W``; each contender runs in a process of its own, so
 its CPU time and peak RSS are its own. The clock starts at the first delivery
 and stops when the last message's ack has been handed to the client library.
+``timer-ceiling`` touches no broker: it runs the ``io`` workload's 10 ms
+Deferred waits, PREFETCH at a time, on the same reactor, so its rate is the
+most any Twisted consumer of that workload can reach on this machine.
 Workloads: ``noop`` (no work), ``io`` (10 ms of non-blocking waiting),
 ``blocking`` (10 ms of time.sleep in a thread pool of THREADS), ``large`` (no
 work; the body size is the publisher's business).
@@ -12,7 +15,9 @@ work; the body size is the publisher's business).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import resource
 import sys
 import threading
@@ -137,6 +142,36 @@ def consumer_svc(
 
     service.consumer.on_outcome = settled
     reactor.callWhenRunning(service.startService)
+    reactor.run()
+
+
+# -- no broker: the ceiling of the io workload on this reactor
+
+
+def timer_ceiling(
+    url: str, queue: str, count: int, prefetch: int, workload: str, meter: Meter
+) -> None:
+    from twisted.internet import reactor, task
+
+    started = 0
+
+    def start_one() -> None:
+        nonlocal started
+        started += 1
+        meter.delivered()
+        task.deferLater(reactor, IO_SECONDS, lambda: None).addCallback(finished)
+
+    def finished(_: object) -> None:
+        if meter.ack():
+            reactor.stop()
+        elif started < count:
+            start_one()
+
+    def start() -> None:
+        for _ in range(min(prefetch, count)):
+            start_one()
+
+    reactor.callWhenRunning(start)
     reactor.run()
 
 
@@ -329,18 +364,33 @@ CONTENDERS = {
     "pika-select": pika_select,
     "aio-pika": aio_pika,
     "kombu": kombu,
+    "timer-ceiling": timer_ceiling,
+}
+
+REACTORS = {
+    "epoll": "twisted.internet.epollreactor",
+    "select": "twisted.internet.selectreactor",
+    "poll": "twisted.internet.pollreactor",
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.contenders")
     parser.add_argument("name", choices=sorted(CONTENDERS))
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--queue", required=True)
+    parser.add_argument("--url", default="")
+    parser.add_argument("--queue", default="")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--prefetch", type=int, default=100)
     parser.add_argument("--workload", choices=["noop", "io", "blocking", "large"], default="noop")
+    parser.add_argument(
+        "--reactor", choices=sorted(REACTORS), default="epoll", help="for the Twisted contenders"
+    )
+    parser.add_argument("--cpu", type=int, help="run on this CPU only")
     args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    if args.name in ("consumer_svc", "pika-twisted", "timer-ceiling"):
+        importlib.import_module(REACTORS[args.reactor]).install()  # type: ignore[attr-defined]
     meter = Meter(args.count)
     CONTENDERS[args.name](args.url, args.queue, args.count, args.prefetch, args.workload, meter)
     meter.report(args.name)
