@@ -1,0 +1,125 @@
+"""``python -m benchmarks.path``: consumer_svc's own per-message cost, without pika or a broker.
+
+Drives the real `Consumer` (dispatch, settling, coalesced acks) and the real
+`Metrics` with a channel that only counts what it is told, so the figure is
+what consumer_svc adds on top of pika's frame decoding for each message of a
+synchronous no-op handler. ``--profile`` prints where that time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from consumer_svc._consumer import Consumer, Outcome
+from consumer_svc._health import Metrics
+from consumer_svc._settings import Settings, parse_url
+
+
+class CountingChannel:
+    """Just enough of consumer_svc._amqp.Channel; reads end every ``per_read`` deliveries."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.closed: Deferred[BaseException] = Deferred()
+        self.on_cancelled: Callable[[], None] | None = None
+        self.on_message: Any = None
+        self.acks = 0
+        self._after_read: list[Callable[[], None]] = []
+
+    def declare_queue(self, queue: str, *, passive: bool = False, arguments: Any) -> Deferred[Any]:
+        return succeed(None)
+
+    def qos(self, prefetch: int) -> Deferred[Any]:
+        return succeed(None)
+
+    def confirm(self) -> Deferred[Any]:
+        return succeed(None)
+
+    def consume(self, queue: str, on_message: Any) -> Deferred[str]:
+        self.on_message = on_message
+        return succeed("ctag")
+
+    def soon(self, call: Callable[[], None]) -> None:
+        self._after_read.append(call)
+
+    def end_of_read(self) -> None:
+        after, self._after_read = self._after_read, []
+        for call in after:
+            call()
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self.acks += 1
+
+
+class Connection:
+    def __init__(self) -> None:
+        self.channels = [CountingChannel(), CountingChannel()]
+
+    def open_channel(self) -> Deferred[CountingChannel]:
+        return succeed(self.channels.pop(0))
+
+
+class Deliver:
+    routing_key = "q"
+    exchange = ""
+    redelivered = False
+    delivery_tag = 0
+
+
+class NoOp:
+    name = "noop"
+    blocking = False
+
+    def __call__(self, message: Any) -> None:
+        return None
+
+
+def run(count: int, per_read: int, metrics: bool) -> tuple[float, int]:
+    settings = Settings(url=parse_url("amqp://localhost"), queue="q", max_retries=0)
+    consumer = Consumer(settings, NoOp(), Clock(), lambda why: None)  # type: ignore[arg-type]
+    if metrics:  # wired as ConsumerService wires them
+        m = Metrics(inflight=lambda: len(consumer.inflight))
+        labels = {outcome: outcome.value for outcome in Outcome}
+        consumer.on_outcome = lambda outcome: m.settled(labels[outcome])
+        consumer.on_handled = m.handled
+    connection = Connection()
+    channel = connection.channels[1]
+    consumer.attach(connection)  # type: ignore[arg-type]
+    on_message, method, properties = channel.on_message, Deliver(), None
+    started = time.perf_counter()
+    for tag in range(1, count + 1):
+        method.delivery_tag = tag
+        on_message(channel, method, properties, b"x" * 100)
+        if tag % per_read == 0:
+            channel.end_of_read()
+    channel.end_of_read()
+    return time.perf_counter() - started, channel.acks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.path")
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--per-read", type=int, default=28, help="deliveries per socket read")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    for metrics in (False, True):
+        best = min(run(args.count, args.per_read, metrics)[0] for _ in range(3))
+        label = "with metrics" if metrics else "without metrics"
+        print(f"consumer_svc's own path, {label}: {best / args.count * 1e6:.2f} us per message")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(run, args.count, args.per_read, True)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
