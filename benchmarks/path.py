@@ -108,7 +108,7 @@ def run(count: int, per_read: int, metrics: bool) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.path")
     parser.add_argument("--count", type=int, default=200_000)
-    parser.add_argument("--per-read", type=int, default=28, help="deliveries per socket read")
+    parser.add_argument("--per-read", type=int, default=38, help="deliveries per socket read")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     for metrics in (False, True):
