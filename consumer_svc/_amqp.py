@@ -225,7 +225,7 @@ class AMQPConnection(TwistedProtocolConnection):
     def connectionMade(self) -> None:
         # As pika does for the transports it makes itself: acks are small
         # writes that must not wait for the broker's TCP acknowledgement.
-        if isinstance(self.transport, ITCPTransport):
+        if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
 

@@ -48,6 +48,10 @@ async def test_every_message_is_handled_and_acked(
     await eventually(lambda: len(handler.bodies) == 50, timeout=20, what="50 messages handled")
     await queue_settles(rabbit, queue_name)
     assert handler.count() == Counter(bodies)
+    # Acks are small writes: the socket sends them without waiting for Nagle, as pika's own do.
+    connection = run.service._connection
+    assert connection is not None
+    assert connection.transport.getTcpNoDelay()
 
 
 @pytest_twisted.ensureDeferred
