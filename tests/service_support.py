@@ -175,18 +175,12 @@ class Figures:
         self.rows: list[tuple[str, str, str, int, int]] = []
 
     def add(
-        self,
-        fault: str,
-        *,
-        detected: float | None,
-        resumed: float | None,
-        duplicates: int,
-        lost: int,
+        self, fault: str, work: Workload, *, detected: float | None, resumed: float | None
     ) -> None:
         def seconds(value: float | None) -> str:
             return "-" if value is None else f"{value:.1f} s"
 
-        self.rows.append((fault, seconds(detected), seconds(resumed), duplicates, lost))
+        self.rows.append((fault, seconds(detected), seconds(resumed), work.duplicates, work.lost))
 
     def table(self) -> str:
         lines = [

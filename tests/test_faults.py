@@ -109,10 +109,9 @@ def record(
     assert resumed is not None
     figures.add(
         fault,
+        work,
         detected=detected - broke,
         resumed=max(0.0, resumed - (detected if healed is None else healed)),
-        duplicates=work.duplicates,
-        lost=work.lost,
     )
 
 
@@ -198,10 +197,9 @@ async def test_connection_force_closed_again_and_again(
     assert "CONNECTION_FORCED" in logs.text()
     figures.add(
         "connection force-closed (CONNECTION_FORCED), 5 times",
+        work,
         detected=max(detects),
         resumed=max(resumes),
-        duplicates=work.duplicates,
-        lost=work.lost,
     )
 
 
@@ -385,10 +383,9 @@ async def test_broker_down_at_start(
     assert resumed is not None
     figures.add(
         "broker down at start",
+        work,
         detected=None,
         resumed=max(0.0, resumed - up),
-        duplicates=work.duplicates,
-        lost=work.lost,
     )
 
 
@@ -502,10 +499,9 @@ async def test_a_blackhole_past_the_heartbeat_timeout(
     assert_survived(run, work, prefetch=10)
     figures.add(
         "network blackhole 20 s (heartbeat 2 s, handshake timeout 3 s)",
+        work,
         detected=detected,
         resumed=resumed,
-        duplicates=work.duplicates,
-        lost=work.lost,
     )
 
 
@@ -527,10 +523,9 @@ async def test_a_network_drop(
     assert_survived(run, work, prefetch=10)
     figures.add(
         f"network drop {seconds} s (heartbeat 2 s)",
+        work,
         detected=detected,
         resumed=resumed,
-        duplicates=work.duplicates,
-        lost=work.lost,
     )
 
 
@@ -563,10 +558,9 @@ async def test_tcp_reset(
     assert resumed is not None
     figures.add(
         "TCP connection reset",
+        work,
         detected=detected - broke,
         resumed=resumed - detected,
-        duplicates=work.duplicates,
-        lost=work.lost,
     )
 
 
@@ -662,10 +656,9 @@ async def test_chaos(
             assert work.duplicates <= prefetch * max(losses, 1)
         figures.add(
             f"chaos: {len(injected)} random faults over 3000 messages (seed {seed})",
+            work,
             detected=None,
             resumed=None,
-            duplicates=work.duplicates,
-            lost=work.lost,
         )
     finally:
         await within(15, proxy.stop())
