@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from consumer_svc._consumer import Consumer, Outcome
+from consumer_svc._consumer import Consumer
 from consumer_svc._health import Metrics
 from consumer_svc._settings import Settings, parse_url
 
@@ -88,8 +88,7 @@ def run(count: int, per_read: int, metrics: bool) -> tuple[float, int]:
     consumer = Consumer(settings, NoOp(), Clock(), lambda why: None)  # type: ignore[arg-type]
     if metrics:  # wired as ConsumerService wires them
         m = Metrics(inflight=lambda: len(consumer.inflight))
-        labels = {outcome: outcome.value for outcome in Outcome}
-        consumer.on_outcome = lambda outcome: m.settled(labels[outcome])
+        consumer.on_outcome = m.settled
         consumer.on_handled = m.handled
     connection = Connection()
     channel = connection.channels[1]

@@ -18,8 +18,10 @@ from prometheus_client.utils import floatToGoString
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from ._consumer import Outcome
+
 #: Outcomes that end with an ack on the wire.
-ACKED = ("acked", "retried", "dead_lettered")
+ACKED = (Outcome.ACKED, Outcome.RETRIED, Outcome.DEAD_LETTERED)
 
 
 class _PerMessage:
@@ -31,8 +33,8 @@ class _PerMessage:
     No lock is needed: settling and /metrics both run on the reactor thread.
     """
 
-    def __init__(self, outcomes: Sequence[str], buckets: Sequence[float]) -> None:
-        self.settled: dict[str, int] = dict.fromkeys(outcomes, 0)
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.settled: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.bounds = tuple(buckets)
         #: Observations per bucket, not cumulative; the last one is +Inf.
         self.counts = [0] * (len(self.bounds) + 1)
@@ -50,7 +52,7 @@ class _PerMessage:
             "consumer_messages", "Messages settled, by outcome.", labels=["outcome"]
         )
         for outcome, count in self.settled.items():
-            messages.add_metric([outcome], count)
+            messages.add_metric([outcome.value], count)
         yield messages
         cumulative, buckets = 0, []
         for bound, count in zip((*self.bounds, math.inf), self.counts):
@@ -70,8 +72,7 @@ class Metrics:
     def __init__(self, inflight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._per_message = _PerMessage(
-            ("acked", "rejected", "retried", "dead_lettered", "requeued"),
-            (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600),
+            (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 600)
         )
         self.registry.register(self._per_message)
         self._settled = self._per_message.settled
@@ -101,7 +102,7 @@ class Metrics:
         self._last_ack = 0.0
         self.last_ack.set_function(lambda: self._last_ack)
 
-    def settled(self, outcome: str) -> None:
+    def settled(self, outcome: Outcome) -> None:
         self._settled[outcome] += 1
         if outcome in ACKED:
             self._last_ack = time.time()

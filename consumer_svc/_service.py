@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ._amqp import AMQPConnection, AMQPFactory, Cause, Lost, connection_parameters
 from ._backoff import Backoff
-from ._consumer import Consumer, Outcome, SetupFailed
+from ._consumer import Consumer, SetupFailed
 from ._errors import AccessRefused, ExitStatus, FatalError
 from ._handler import Handler, Invoker
 from ._health import Metrics, health_site
@@ -136,8 +136,7 @@ class ConsumerService(Service):
         self.invoker = Invoker(handler, reactor, self.threadpool)
         self.consumer = Consumer(settings, self.invoker, reactor, self._subscription_lost)
         self.metrics = Metrics(inflight=lambda: len(self.consumer.inflight))
-        labels = {outcome: outcome.value for outcome in Outcome}  # Enum.value is slow
-        self.consumer.on_outcome = lambda outcome: self.metrics.settled(labels[outcome])
+        self.consumer.on_outcome = self.metrics.settled
         self.consumer.on_handled = self.metrics.handled
         self.factory = AMQPFactory(
             settings.urls,

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 from waiting import eventually, within
 
 from consumer_svc import Message, Reject
+from consumer_svc._consumer import Outcome
 from consumer_svc._health import Metrics
 
 
@@ -88,9 +89,9 @@ def test_handler_durations_land_in_cumulative_buckets_and_outcomes_are_counted()
     metrics = Metrics(inflight=lambda: 3)
     for seconds in (0.0005, 0.001, 0.002, 0.01, 700.0):  # 0.001 sits on a bound: le="0.001"
         metrics.handled(seconds)
-    metrics.settled("acked")
-    metrics.settled("acked")
-    metrics.settled("requeued")
+    metrics.settled(Outcome.ACKED)
+    metrics.settled(Outcome.ACKED)
+    metrics.settled(Outcome.REQUEUED)
     text = metrics.render().decode()
     assert metric(text, 'consumer_handler_seconds_bucket{le="0.001"}') == 2
     assert metric(text, 'consumer_handler_seconds_bucket{le="0.005"}') == 3
