@@ -23,8 +23,9 @@ import pika
 import pika.exceptions
 from pika.adapters.utils import connection_workflow
 
+from ._copies import PREFIX
 from ._errors import ConfigurationError, ExitStatus
-from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, PREFIX
+from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
 from ._settings import DEFAULT_URL, BrokerURL, parse_url, redact
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).

@@ -24,10 +24,20 @@ FAILED_AT = "consumer-svc-failed-at"
 ORIGINAL_EXCHANGE = "consumer-svc-original-exchange"
 ORIGINAL_ROUTING_KEY = "consumer-svc-original-routing-key"
 QUEUE = "consumer-svc-queue"
-PREFIX = "consumer-svc-"
 
 #: No retry waits longer than this, whatever the schedule says.
 DELAY_CAP = 3600.0
+#: The retry queues' delays, in seconds: a wanted delay is rounded up to the next rung,
+#: so a work queue has at most this many retry queues whatever its handlers ask for.
+#: Each rung is at most twice the one below (or, from 2 to 5, within 2x + 1 s).
+LADDER = (1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600)
+#: An unused retry queue (no declare for this long) deletes itself; the service
+#: declares a queue again before it publishes to it if its last declare is older
+#: than `REDECLARE_AFTER`, so a queue in use never expires under its messages.
+EXPIRES_AFTER = 24 * 3600.0
+REDECLARE_AFTER = 3600.0
+#: A retry count beyond this is not one we wrote: read as "give up now".
+RETRIES_LIMIT = 1000
 
 
 class Action(enum.Enum):
@@ -74,37 +84,69 @@ class RetryPolicy:
         return Decision(Action.RETRY, reason, self.schedule(retries + 1))
 
 
-def retries_of(headers: Mapping[str, Any] | None) -> int:
-    """The retry count a message carries (0 for a first delivery or a garbled header)."""
+def retries_of(headers: Mapping[Any, Any] | None, limit: int = RETRIES_LIMIT) -> int:
+    """The retry count a message carries, read defensively.
+
+    0 for a first delivery and for anything that is not a whole number
+    (a string, a float, a forged negative count); ``limit`` for an absurdly
+    large one, so that a forged count parks the message instead of looping.
+    """
     value = (headers or {}).get(RETRIES, 0)
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return 0
+    return min(value, limit)
+
+
+def rung(delay: float) -> int:
+    """The ladder's delay (seconds) that a wanted ``delay`` is rounded up to."""
+    for seconds in LADDER:
+        if delay <= seconds:
+            return seconds
+    return LADDER[-1]
 
 
 def retry_queue(queue: str, delay: float) -> tuple[str, dict[str, Any]]:
-    """The queue that holds retries of ``queue`` for ``delay`` seconds, and its arguments.
+    """The queue that holds retries of ``queue`` for about ``delay`` seconds, and its arguments.
 
-    One queue per delay: a queue-wide TTL expires every message on time,
-    where per-message TTLs would wait behind a longer one at the head.
+    One queue per rung of the ladder: a queue-wide TTL expires every message
+    on time, where per-message TTLs would wait behind a longer one at the
+    head. Always a quorum queue with at-least-once dead-lettering: a message
+    waiting in it survives a broker restart, a kill -9 or a node down
+    (dead-lettering out of a classic queue is at-most-once), and it is never
+    pinned to one node of a cluster.
     """
-    ms = max(1, round(delay * 1000))
-    return f"{queue}.retry.{ms}", {
-        "x-message-ttl": ms,
+    seconds = rung(delay)
+    return f"{queue}.retry.{seconds}s", {
+        "x-queue-type": "quorum",
+        "x-message-ttl": seconds * 1000,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": queue,
+        "x-dead-letter-strategy": "at-least-once",
+        # at-least-once dead-lettering needs it: a full queue refuses, never drops.
+        "x-overflow": "reject-publish",
+        "x-expires": int((seconds + EXPIRES_AFTER) * 1000),
     }
 
 
-def retry_headers(headers: Mapping[str, Any] | None, retries: int) -> dict[str, Any]:
-    copy = dict(headers or {})
+def dead_letter_arguments(queue_arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The dead-letter queue's arguments: a quorum queue when the work queue is one.
+
+    A classic queue lives on one node; with a quorum work queue, a
+    dead-letter queue on one node would stop parking when that node is down.
+    """
+    if queue_arguments.get("x-queue-type") == "quorum":
+        return {"x-queue-type": "quorum"}
+    return {}
+
+
+def retry_headers(headers: Mapping[Any, Any], retries: int) -> dict[Any, Any]:
+    copy = dict(headers)
     copy[RETRIES] = retries
     return copy
 
 
 def dead_letter_headers(
-    headers: Mapping[str, Any] | None,
+    headers: Mapping[Any, Any],
     *,
     reason: str,
     attempts: int,
@@ -112,9 +154,9 @@ def dead_letter_headers(
     routing_key: str,
     queue: str,
     now: datetime | None = None,
-) -> dict[str, Any]:
+) -> dict[Any, Any]:
     when = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    copy = dict(headers or {})
+    copy = dict(headers)
     copy.pop(RETRIES, None)
     copy.update(
         {
