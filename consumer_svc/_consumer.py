@@ -9,14 +9,15 @@ even if its handler later succeeds.
 
 from __future__ import annotations
 
-import copy
 import enum
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pika import exceptions as pika_errors
+from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -25,7 +26,8 @@ from twisted.python.failure import Failure
 
 from ._acks import Acks
 from ._amqp import AMQPConnection, Channel
-from ._errors import AccessRefused, Reject, Retry, TopologyMismatch
+from ._copies import copy_properties, note_stripped, safe_headers
+from ._errors import AccessRefused, FatalError, PublishRefused, Reject, Retry, TopologyMismatch
 from ._handler import Invoker
 from ._message import Message
 from ._publisher import Publisher
@@ -33,6 +35,7 @@ from ._retry import (
     Action,
     Decision,
     RetryPolicy,
+    dead_letter_arguments,
     dead_letter_headers,
     describe_failure,
     retries_of,
@@ -40,6 +43,7 @@ from ._retry import (
     retry_queue,
 )
 from ._settings import Settings
+from ._topology import FailureQueues
 
 log = Logger(namespace="consumer_svc.consumer")
 
@@ -94,10 +98,19 @@ class Delivery:
     timed_out: bool = False
     #: Set at the shutdown deadline: whatever happens to it next is ignored.
     abandoned: bool = False
+    #: Why the broker refused its copy when published on its own: park it bare.
+    refused: str | None = None
 
 
 class SetupFailed(Exception):
     """Setting up the channels failed in a way that a reconnect may fix."""
+
+
+class _Unavailable(Exception):
+    """The queue a failed message should go to cannot be declared or found now."""
+
+
+_OUTCOMES = {Action.RETRY: Outcome.RETRIED, Action.DEAD_LETTER: Outcome.DEAD_LETTERED}
 
 
 @dataclass
@@ -116,6 +129,8 @@ class Consumer:
     on_outcome: Callable[[Outcome], None] = lambda outcome: None
     #: Called with how long each handler took, in seconds (metrics).
     on_handled: Callable[[float], None] = lambda seconds: None
+    #: Called with a failure that retrying cannot fix (the service stops).
+    on_fatal: Callable[[FatalError], None] = lambda error: None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     #: The current channel's acks; a delivery from an older channel holds an older one.
@@ -126,7 +141,11 @@ class Consumer:
     abandoned: int = 0
     publisher: Publisher = field(init=False)
     policy: RetryPolicy = field(init=False)
-    _declared: set[str] = field(default_factory=set)
+    failure_queues: FailureQueues = field(init=False)
+    connection: AMQPConnection | None = None
+    #: Deliveries whose copy the broker refused, to be published again one at a time.
+    _suspects: deque[tuple[Delivery, Decision, int]] = field(default_factory=deque)
+    _isolating: bool = False
     _drained: Deferred[None] | None = None
     _deadline: IDelayedCall | None = None
     _sweeper: LoopingCall | None = None
@@ -134,24 +153,26 @@ class Consumer:
     def __post_init__(self) -> None:
         self.publisher = Publisher(self.clock, self.settings.publish_timeout)
         self.policy = RetryPolicy(self.settings.max_retries, self.settings.retry_delay)
+        self.failure_queues = FailureQueues(
+            self.clock, self.settings.declare, lambda error: self.on_fatal(error)
+        )
 
     # -- setting up
 
     @inlineCallbacks
     def attach(self, connection: AMQPConnection) -> Any:
-        """Open the channels, declare the topology, set QoS and subscribe.
+        """Open the channels, declare the work queue, set QoS and subscribe.
 
         Fails with a `FatalError` for what retrying cannot fix (permissions,
-        mismatched arguments) and with `SetupFailed` otherwise.
+        mismatched arguments) and with `SetupFailed` otherwise. The retry and
+        dead-letter queues are declared afterwards, apart: none of them can
+        keep the service from consuming.
         """
         self.state = ConsumerState.SETTING_UP
-        self._declared = set()
+        self.connection = connection
+        self.failure_queues.attach(connection)
         try:
-            publishing: Channel = yield connection.open_channel()
-            publishing.closed.addCallback(self._channel_closed, publishing, "publisher channel")
-            yield publishing.confirm()
-            yield self._declare_failure_queues(publishing)
-            self.publisher.channel = publishing
+            yield self._open_publisher(connection)
             channel: Channel = yield connection.open_channel()
             self.channel = channel
             self.acks = Acks(channel)
@@ -164,37 +185,46 @@ class Consumer:
             raise self._setup_error(e) from None
         if self.state is ConsumerState.SETTING_UP:
             self.state = ConsumerState.CONSUMING
+            self._check_failure_queues()
 
     @inlineCallbacks
-    def _declare_failure_queues(self, channel: Channel) -> Any:
+    def _open_publisher(self, connection: AMQPConnection) -> Any:
+        publishing: Channel = yield connection.open_channel()
+        publishing.closed.addCallback(self._channel_closed, publishing, "publisher channel")
+        yield publishing.confirm()
+        self.publisher.channel = publishing
+
+    def _failure_targets(self) -> list[tuple[str, dict[str, Any]]]:
+        """The dead-letter queue and the retry queues the schedule uses."""
         s = self.settings
-        yield self._declare_queue(channel, s.dead_letter_queue, {})
+        targets = [(s.dead_letter_queue, dead_letter_arguments(s.queue_arguments))]
         for retry in range(1, s.max_retries + 1):
-            name, arguments = retry_queue(s.queue, self.policy.schedule(retry))
-            yield self._declare_queue(channel, name, arguments)
+            target = retry_queue(s.queue, self.policy.schedule(retry))
+            if target not in targets:
+                targets.append(target)
+        return targets
 
-    def _declare_queue(
-        self, channel: Channel, name: str, arguments: dict[str, Any]
-    ) -> Deferred[Any]:
-        if name in self._declared:
-            return succeed(None)
+    def _check_failure_queues(self) -> None:
+        """Declare (or check) the queues failures go to; name in one warning those that are not there."""
+        targets = self._failure_targets()
+        checks = [
+            self.failure_queues.ensure(name, arguments, quiet=True) for name, arguments in targets
+        ]
 
-        def declared(result: object) -> object:
-            self._declared.add(name)
-            return result
-
-        def mismatch(failure: Failure) -> Failure:
-            error = failure.value
-            if isinstance(error, pika_errors.ChannelClosedByBroker) and error.reply_code == 406:
-                failure = Failure(
-                    TopologyMismatch(
-                        f"queue {name!r} exists with other arguments: we declare {arguments!r}, "
-                        f"the broker says {error.reply_code} {error.reply_text}"
-                    )
+        def report(results: list[bool]) -> None:
+            missing = [
+                f"{name} ({self.failure_queues.problem(name)})"
+                for (name, _), ok in zip(targets, results)
+                if not ok and self.failure_queues.problem(name)
+            ]
+            if missing:
+                log.warn(
+                    "Not available for failed messages: {missing}; until they are, failed "
+                    "messages meant for them are handed back to the broker",
+                    missing="; ".join(missing),
                 )
-            return failure
 
-        return channel.declare_queue(name, arguments=arguments).addCallbacks(declared, mismatch)
+        gatherResults(checks).addCallback(report)
 
     def _declare(self, channel: Channel) -> Deferred[Any]:
         s = self.settings
@@ -231,7 +261,17 @@ class Consumer:
     def _channel_closed(self, reason: BaseException, channel: Channel, which: str) -> None:
         if channel is self.publisher.channel:
             self.publisher.channel = None
-        elif channel is self.channel:
+            if self.state is ConsumerState.CONSUMING and isinstance(
+                reason, pika_errors.ChannelClosedByBroker
+            ):
+                # A refused publish closes only this channel: open another, keep consuming.
+                log.warn(
+                    "The broker closed the publishing channel: {reason}; opening another",
+                    reason=_reason(reason),
+                )
+                self._reopen_publisher()
+            return
+        if channel is self.channel:
             self.channel = None
             self.acks = None
             self.consumer_tag = None
@@ -244,6 +284,17 @@ class Consumer:
         ):
             self.state = ConsumerState.IDLE
             self.on_lost(f"{which} closed by the broker: {_reason(reason)}")
+
+    def _reopen_publisher(self) -> None:
+        connection = self.connection
+        if connection is None or connection.lost:
+            return
+
+        def failed(failure: Failure) -> None:
+            if self.connection is connection and not connection.lost:
+                self.on_lost(f"could not open a publishing channel: {failure.getErrorMessage()}")
+
+        self._open_publisher(connection).addCallbacks(lambda _: self._next_suspect(), failed)
 
     def _cancelled_by_broker(self) -> None:
         """The broker cancelled us (queue deleted, leader moved): start afresh."""
@@ -259,6 +310,12 @@ class Consumer:
         self.acks = None
         self.publisher.channel = None
         self.consumer_tag = None
+        self.connection = None
+        self.failure_queues.detach()
+        suspects, self._suspects = self._suspects, deque()
+        self._isolating = False
+        for delivery, _, _ in suspects:
+            self._settle(delivery, Outcome.REJECTED)  # not sent: the broker redelivers it
         if self.state in (ConsumerState.SETTING_UP, ConsumerState.CONSUMING):
             self.state = ConsumerState.IDLE
 
@@ -403,48 +460,85 @@ class Consumer:
     def _park(self, delivery: Delivery, decision: Decision, retries: int) -> None:
         """Publish a confirmed copy to a retry queue or the dead-letter queue, then ack."""
         delivery.phase = Phase.PUBLISHING
-        message = delivery.message
         s = self.settings
-        properties = copy.copy(message.properties)
-        properties.expiration = None  # a per-message TTL would expire the parked copy
         if decision.action is Action.RETRY:
             target, arguments = retry_queue(s.queue, decision.delay)
-            properties.headers = retry_headers(message.headers, retries + 1)
-            outcome = Outcome.RETRIED
         else:
-            target, arguments = s.dead_letter_queue, {}
-            properties.headers = dead_letter_headers(
-                message.headers,
-                reason=decision.reason,
+            target, arguments = s.dead_letter_queue, dead_letter_arguments(s.queue_arguments)
+
+        def publish(available: bool) -> Deferred[None]:
+            if not available:
+                problem = self.failure_queues.problem(target) or "not connected"
+                raise _Unavailable(f"queue {target!r} is not available: {problem}")
+            body, properties = self._copy(delivery, decision, retries)
+            return self.publisher.publish("", target, body, properties, mandatory=True)
+
+        d = self.failure_queues.ensure(target, arguments).addCallback(publish)
+        d.addCallbacks(
+            lambda _: self._settle(delivery, _OUTCOMES[decision.action]),
+            self._park_failed,
+            errbackArgs=(delivery, decision, retries),
+        )
+
+    def _copy(
+        self, delivery: Delivery, decision: Decision, retries: int
+    ) -> tuple[bytes, BasicProperties]:
+        """The copy to park: the original, less what a copy may not carry (named in a header)."""
+        message = delivery.message
+        if delivery.refused is not None:
+            # Refused once on its own: park the body bare, with why.
+            headers: dict[Any, Any] = {}
+            stripped = ["every original header and property"]
+            reason = f"{decision.reason}; then the broker refused its copy: {delivery.refused}"
+            original = BasicProperties(
+                content_type=message.properties.content_type,
+                content_encoding=message.properties.content_encoding,
+            )
+        else:
+            headers, stripped = safe_headers(message.headers)
+            reason = decision.reason
+            original = message.properties
+        if decision.action is Action.RETRY and delivery.refused is None:
+            headers = retry_headers(headers, retries + 1)
+        else:
+            headers = dead_letter_headers(
+                headers,
+                reason=reason,
                 attempts=retries + 1,
                 exchange=message.exchange,
                 routing_key=message.routing_key,
-                queue=s.queue,
+                queue=self.settings.queue,
             )
-            outcome = Outcome.DEAD_LETTERED
-        channel = self.publisher.channel
-        declared = (
-            self._declare_queue(channel, target, arguments)
-            if channel is not None and channel.is_open
-            else succeed(None)
-        )
-        declared.addCallback(
-            lambda _: self.publisher.publish("", target, message.body, properties, mandatory=True)
-        )
-        declared.addCallbacks(
-            lambda _: self._settle(delivery, outcome),
-            self._park_failed,
-            errbackArgs=(delivery, decision),
-        )
+        properties, more = copy_properties(original, headers, username=self.settings.url.username)
+        properties.headers = note_stripped(properties.headers or {}, stripped + more) or None
+        return message.body, properties
 
-    def _park_failed(self, failure: Failure, delivery: Delivery, decision: Decision) -> None:
-        if delivery.abandoned:
+    def _park_failed(
+        self, failure: Failure, delivery: Delivery, decision: Decision, retries: int
+    ) -> None:
+        if delivery.abandoned or delivery.phase is Phase.SETTLED:
             return
+        if failure.check(PublishRefused) and self.state is ConsumerState.CONSUMING:
+            # The broker closed the channel over a publish: this copy, or another one
+            # in flight with it. Published again one at a time, the guilty one shows.
+            log.warn(
+                "The broker refused the copy of message {tag} (or one published with it): "
+                "{reason}; publishing it again on its own",
+                tag=delivery.message.delivery_tag,
+                reason=failure.getErrorMessage(),
+            )
+            self._suspects.append((delivery, decision, retries))
+            if not self._isolating:
+                self._next_suspect()
+            return
+        self._hand_back(delivery, decision, failure.getErrorMessage())
+
+    def _hand_back(self, delivery: Delivery, decision: Decision, reason: str) -> None:
         log.warn(
             "Could not {action} message {tag}: {reason}; handing it back to the broker in {delay:g}s",
             action=decision.action.value,
             tag=delivery.message.delivery_tag,
-            reason=failure.getErrorMessage(),
+            reason=reason,
             delay=HAND_BACK_PAUSE,
         )
         if self.state is ConsumerState.DRAINING:
@@ -455,6 +549,52 @@ class Consumer:
         delivery.timer = self.clock.callLater(
             HAND_BACK_PAUSE, self._settle, delivery, Outcome.REJECTED
         )
+
+    def _next_suspect(self) -> None:
+        """Publish the next refused copy on its own: refused again, it is the guilty one."""
+        while self._suspects and self._suspects[0][0].phase is Phase.SETTLED:
+            self._suspects.popleft()
+        if not self._suspects or self.state is not ConsumerState.CONSUMING:
+            self._isolating = False
+            return
+        channel = self.publisher.channel
+        if channel is None or not channel.is_open:
+            self._isolating = True  # waits for the publishing channel to reopen
+            return
+        self._isolating = True
+        delivery, decision, retries = self._suspects.popleft()
+        if delivery.refused is not None:
+            decision = Decision(Action.DEAD_LETTER, decision.reason)
+        target = (
+            retry_queue(self.settings.queue, decision.delay)[0]
+            if decision.action is Action.RETRY
+            else self.settings.dead_letter_queue
+        )
+        body, properties = self._copy(delivery, decision, retries)
+        d = self.publisher.publish("", target, body, properties, mandatory=True)
+
+        def done(_: object) -> None:
+            self._settle(delivery, _OUTCOMES[decision.action])
+            self._next_suspect()
+
+        def failed(failure: Failure) -> None:
+            if failure.check(PublishRefused) and delivery.refused is None:
+                delivery.refused = failure.getErrorMessage()
+                log.warn(
+                    "The broker refused the copy of message {tag} on its own too: {reason}; "
+                    "parking its body in {queue} without its headers and properties",
+                    tag=delivery.message.delivery_tag,
+                    reason=delivery.refused,
+                    queue=self.settings.dead_letter_queue,
+                )
+                self._suspects.appendleft((delivery, decision, retries))
+                # Goes on now if the publishing channel is open again, else once it is.
+                self._next_suspect()
+                return
+            self._hand_back(delivery, decision, failure.getErrorMessage())
+            self._next_suspect()
+
+        d.addCallbacks(done, failed)
 
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         if delivery.phase is Phase.SETTLED:
@@ -493,6 +633,10 @@ class Consumer:
         if self.channel is not None and self.consumer_tag is not None:
             self.channel.cancel(self.consumer_tag).addErrback(lambda _: None)
             self.consumer_tag = None
+        suspects, self._suspects = self._suspects, deque()
+        self._isolating = False
+        for delivery, _, _ in suspects:
+            self._settle(delivery, Outcome.REJECTED)
         for delivery in list(self.inflight):
             if delivery.phase is Phase.HOLDING:
                 _stop_timer(delivery)

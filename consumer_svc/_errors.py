@@ -28,6 +28,10 @@ class PublishFailed(Exception):
     """A publish was not confirmed by the broker (nacked, unroutable, timed out, or no channel)."""
 
 
+class PublishRefused(PublishFailed):
+    """The broker closed the publishing channel over a publish (e.g. a ``user_id`` it refuses)."""
+
+
 class ExitStatus(enum.IntEnum):
     """The process exit statuses, by cause (documented in README.md)."""
 

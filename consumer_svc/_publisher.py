@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ._amqp import Channel
-from ._errors import PublishFailed
+from ._errors import PublishFailed, PublishRefused
 
 
 class Publisher:
@@ -79,6 +79,10 @@ def _explain(failure: Failure, where: str) -> PublishFailed:
         return PublishFailed(f"unroutable: no queue is bound to {where}")
     if isinstance(error, pika_errors.NackError):
         return PublishFailed(f"the broker nacked the publish to {where}")
+    if isinstance(error, pika_errors.ChannelClosedByBroker):
+        return PublishRefused(
+            f"the broker closed the channel ({error.reply_code} {error.reply_text}): {where}"
+        )
     if isinstance(error, pika_errors.ChannelClosed):
         return PublishFailed(f"the channel closed ({error.reply_code} {error.reply_text}): {where}")
     return PublishFailed(f"{type(error).__name__}: {error}: {where}")

@@ -138,6 +138,7 @@ class ConsumerService(Service):
         self.metrics = Metrics(inflight=lambda: len(self.consumer.inflight))
         self.consumer.on_outcome = self.metrics.settled
         self.consumer.on_handled = self.metrics.handled
+        self.consumer.on_fatal = self._fatal
         self.factory = AMQPFactory(
             settings.urls,
             lambda url: connection_parameters(

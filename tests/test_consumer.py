@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from pika.spec import BasicProperties
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from consumer_svc import Message, Reject, Retry
@@ -32,10 +32,16 @@ class FakeChannel:
         self.auto_confirm = True
         self.on_message: Any = None
         self.cancelled = False
+        self.refuse_declares: Exception | None = None
 
     def declare_queue(self, queue: str, *, passive: bool = False, arguments: Any) -> Deferred[Any]:
+        if self.refuse_declares is not None:
+            return fail(self.refuse_declares)
         self.declared[queue] = arguments
         return succeed(None)
+
+    def close(self) -> None:
+        self.is_open = False
 
     def qos(self, prefetch: int) -> Deferred[Any]:
         return succeed(None)
@@ -101,13 +107,31 @@ class FakeChannel:
 
 
 class FakeConnection:
-    """Hands out the publisher channel first, then the consumer channel, as the consumer opens them."""
+    """Hands out the publisher channel first, then the consumer channel, then new ones (declares)."""
 
     def __init__(self, *channels: FakeChannel) -> None:
         self.channels = list(channels)
+        self.opened: list[FakeChannel] = []
+        self.lost = False
+        #: Makes each declare on a channel of its own fail with this, if set.
+        self.refuse_declares: Exception | None = None
 
     def open_channel(self) -> Deferred[FakeChannel]:
-        return succeed(self.channels.pop(0))
+        if self.channels:
+            channel = self.channels.pop(0)
+        else:  # a channel of its own for a declare
+            channel = FakeChannel()
+            channel.refuse_declares = self.refuse_declares
+        self.opened.append(channel)
+        return succeed(channel)
+
+    @property
+    def declared(self) -> dict[str, Any]:
+        """Every queue declared on any channel, with its arguments."""
+        found: dict[str, Any] = {}
+        for channel in self.opened:
+            found.update(channel.declared)
+        return found
 
 
 class Invoke:
@@ -137,13 +161,17 @@ SETTINGS = Settings(
 class Setup:
     """A consumer attached to fake channels, with a Clock."""
 
-    def __init__(self, behaviour: Callable[[Message], Any]) -> None:
+    def __init__(
+        self, behaviour: Callable[[Message], Any], refuse_declares: Exception | None = None
+    ) -> None:
         self.clock = Clock()
         self.publisher = FakeChannel(self.clock)
         self.channel = FakeChannel(self.clock)
         self.lost: list[str] = []
         self.consumer = Consumer(SETTINGS, Invoke(behaviour), self.clock, self.lost.append)  # type: ignore[arg-type]
-        self.consumer.attach(FakeConnection(self.publisher, self.channel))  # type: ignore[arg-type]
+        self.connection = FakeConnection(self.publisher, self.channel)
+        self.connection.refuse_declares = refuse_declares
+        self.consumer.attach(self.connection)  # type: ignore[arg-type]
         assert self.consumer.state is ConsumerState.CONSUMING
 
 
@@ -299,7 +327,7 @@ def test_a_failure_is_retried_through_a_retry_queue_then_acked() -> None:
     setup.publisher.auto_confirm = False
     setup.channel.deliver(1, body=b"job", headers={"tenant": "a"})
     assert setup.publisher.published == [
-        ("q.retry.5000", b"job", {"tenant": "a", "consumer-svc-retries": 1})
+        ("q.retry.5s", b"job", {"tenant": "a", "consumer-svc-retries": 1})
     ]
     assert setup.channel.settled == []
     setup.publisher.confirms[0].callback(None)
@@ -307,16 +335,20 @@ def test_a_failure_is_retried_through_a_retry_queue_then_acked() -> None:
 
 
 def test_each_retry_waits_twice_as_long() -> None:
-    """The second retry goes to the 10 s queue; all retry queues were declared with TTL and dead-lettering."""
+    """The second retry goes to the 10 s queue; the retry queues are quorum queues that dead-letter at least once."""
     setup = Setup(failing(RuntimeError("still down")))
     setup.channel.deliver(1, headers={"consumer-svc-retries": 1})
-    assert setup.publisher.published[0][0] == "q.retry.10000"
-    assert setup.publisher.declared["q.retry.5000"] == {
+    assert setup.publisher.published[0][0] == "q.retry.10s"
+    assert setup.connection.declared["q.retry.5s"] == {
+        "x-queue-type": "quorum",
         "x-message-ttl": 5000,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": "q",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-expires": (5 + 24 * 3600) * 1000,
     }
-    assert "q.dead" in setup.publisher.declared
+    assert setup.connection.declared["q.dead"] == {}
 
 
 def test_after_the_last_retry_the_message_is_dead_lettered_with_its_story() -> None:
@@ -353,11 +385,11 @@ def test_a_body_that_is_not_json_is_parked_after_one_attempt() -> None:
 
 
 def test_retry_with_a_delay_of_its_own() -> None:
-    """Retry(delay=2) waits 2 s, in a queue of its own declared on demand."""
-    setup = Setup(failing(Retry("rate limited", delay=2)))
+    """Retry(delay=3) waits on the ladder's next rung, 5 s, in a queue declared on demand."""
+    setup = Setup(failing(Retry("rate limited", delay=3)))
     setup.channel.deliver(1)
-    assert setup.publisher.published[0][0] == "q.retry.2000"
-    assert "q.retry.2000" in setup.publisher.declared
+    assert setup.publisher.published[0][0] == "q.retry.5s"
+    assert "q.retry.5s" in setup.connection.declared
 
 
 def test_a_failed_deferred_is_retried_like_an_exception() -> None:
@@ -366,7 +398,7 @@ def test_a_failed_deferred_is_retried_like_an_exception() -> None:
     setup = Setup(lambda m: pending)
     setup.channel.deliver(1)
     pending.errback(ValueError("nope"))
-    assert setup.publisher.published[0][0] == "q.retry.5000"
+    assert setup.publisher.published[0][0] == "q.retry.5s"
     assert setup.channel.settled == [("ack", 1)]
 
 
@@ -410,7 +442,7 @@ def test_a_failed_publish_fails_the_handler() -> None:
     setup.channel.deliver(1)
     setup.publisher.confirms[0].errback(UnroutableError([]))
     setup.publisher.confirms[1].callback(None)  # the retry copy
-    assert setup.publisher.published[1][0] == "q.retry.5000"
+    assert setup.publisher.published[1][0] == "q.retry.5s"
     assert setup.channel.settled == [("ack", 1)]
 
 
@@ -449,6 +481,90 @@ def test_a_handler_past_its_timeout_is_cancelled_and_retried() -> None:
     setup.clock.advance(1)
     assert pending.called
     [(queue, _, _)] = setup.publisher.published
-    assert queue == "q.retry.5000"
+    assert queue == "q.retry.5s"
     assert setup.channel.settled == [("ack", 1)]
     assert setup.clock.getDelayedCalls() == []  # nothing pending: the sweep stopped
+
+
+def test_a_retry_queue_that_cannot_be_declared_never_stops_consuming() -> None:
+    """A refused declare (say, its node is down) hands the failure back after a pause; consuming goes on."""
+    setup = Setup(
+        failing(RuntimeError("boom")),
+        refuse_declares=ChannelClosedByBroker(
+            404, "NOT_FOUND - home node 'n3@host' of durable queue 'q.retry.5s' is down"
+        ),
+    )
+    setup.channel.deliver(1)
+    assert setup.publisher.published == []
+    setup.clock.advance(1.0)
+    assert setup.channel.settled == [("reject+requeue", 1)]
+    assert setup.lost == []
+    assert setup.consumer.state is ConsumerState.CONSUMING
+    # Back again: the next failure is retried as usual.
+    setup.connection.refuse_declares = None
+    setup.channel.deliver(2)
+    assert [p[0] for p in setup.publisher.published] == ["q.retry.5s"]
+    assert setup.channel.settled[-1] == ("ack", 2)
+
+
+def test_a_dead_letter_queue_with_other_arguments_is_fatal() -> None:
+    """A 406 on our own queue cannot be fixed by retrying: the service is told to stop."""
+    fatal: list[Exception] = []
+    consumer = Consumer(SETTINGS, Invoke(failing(Reject("bad"))), Clock(), lambda reason: None)  # type: ignore[arg-type]
+    consumer.on_fatal = fatal.append
+    connection = FakeConnection(FakeChannel(), FakeChannel())
+    connection.refuse_declares = ChannelClosedByBroker(
+        406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length'"
+    )
+    consumer.attach(connection)  # type: ignore[arg-type]
+    assert consumer.state is ConsumerState.CONSUMING
+    assert "queue 'q.dead' exists with other arguments" in str(fatal[0])
+
+
+def test_a_copy_the_broker_refuses_is_parked_bare_without_a_reconnect() -> None:
+    """Refused twice (once on its own), the body is parked without its headers; the channel is reopened, not the connection."""
+    setup = Setup(failing(RuntimeError("boom")))
+    reopened = FakeChannel(setup.clock)
+    again = FakeChannel(setup.clock)
+    setup.connection.channels = [reopened, again]
+    refusal = ChannelClosedByBroker(406, "PRECONDITION_FAILED - user_id property set to 'p'")
+
+    def refuse(channel: FakeChannel) -> None:
+        def publish(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            channel.is_open = False
+            channel.closed.callback(refusal)
+            return fail(refusal)
+
+        channel.publish = publish  # type: ignore[method-assign]
+
+    refuse(setup.publisher)
+    refuse(reopened)
+    setup.channel.deliver(1, body=b"job", headers={"tenant": "a"})
+    setup.clock.advance(0)
+    [(queue, body, headers)] = again.published
+    assert (queue, body) == ("q.dead", b"job")
+    assert "tenant" not in headers
+    assert "the broker refused its copy" in headers["consumer-svc-failure"]
+    assert headers["consumer-svc-stripped"] == "every original header and property"
+    assert setup.channel.settled == [("ack", 1)]
+    assert setup.lost == []
+
+
+def test_an_innocent_copy_refused_with_a_guilty_one_is_retried_in_full() -> None:
+    """A copy failing only because another publish closed the channel keeps its headers when published again."""
+    setup = Setup(failing(RuntimeError("boom")))
+    reopened = FakeChannel(setup.clock)
+    setup.connection.channels = [reopened]
+    refusal = ChannelClosedByBroker(406, "PRECONDITION_FAILED - refused")
+
+    def publish(*args: Any, **kwargs: Any) -> Deferred[Any]:
+        setup.publisher.is_open = False
+        setup.publisher.closed.callback(refusal)
+        return fail(refusal)
+
+    setup.publisher.publish = publish  # type: ignore[method-assign]
+    setup.channel.deliver(1, headers={"tenant": "a"})
+    [(queue, _, headers)] = reopened.published
+    assert queue == "q.retry.5s"
+    assert headers == {"tenant": "a", "consumer-svc-retries": 1}
+    assert setup.channel.settled == [("ack", 1)]
