@@ -75,10 +75,13 @@ def copy_properties(
 
 
 def note_stripped(headers: dict[Any, Any], stripped: list[str]) -> dict[Any, Any]:
-    """``headers`` with the list of what was taken off, if anything was."""
+    """``headers`` with the list of what was taken off, added to what earlier copies lost."""
     if not stripped:
         return headers
-    return {**headers, STRIPPED: ", ".join(stripped)}
+    earlier = headers.get(STRIPPED)
+    names = earlier.split(", ") if isinstance(earlier, str) and earlier else []
+    names += [name for name in stripped if name not in names]
+    return {**headers, STRIPPED: ", ".join(names)}
 
 
 def without_ours(headers: Mapping[Any, Any]) -> dict[Any, Any]:

@@ -72,6 +72,10 @@ def test_what_was_stripped_is_said_in_one_header() -> None:
         "consumer-svc-stripped": "CC, user_id",
     }
     assert note_stripped({"a": 1}, []) == {"a": 1}
+    # A second copy adds to what the first one lost.
+    assert note_stripped({"consumer-svc-stripped": "CC, user_id"}, ["x-death", "CC"]) == {
+        "consumer-svc-stripped": "CC, user_id, x-death"
+    }
 
 
 def test_a_replay_starts_afresh() -> None:
