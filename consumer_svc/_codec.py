@@ -8,7 +8,8 @@ beyond int64, yet the service republishes copies of failed messages with their
 headers. This codec decodes what the broker delivers without raising:
 
 - 'f' and 'd' become floats; every integer type a plain ``int``;
-- a timestamp outside datetime's range is clamped to ``datetime.max`` (UTC);
+- a timestamp outside datetime's range is clamped to `LATEST` (``datetime.max``
+  in UTC to the second; AMQP timestamps are unsigned, so none is too early);
 - an array or table nested deeper than `MAX_DEPTH` is skipped by its length
   prefix and replaced by a `TooDeep` marker string;
 - strings and keys that are not UTF-8 become ``str`` with surrogate escapes
@@ -40,6 +41,7 @@ from pika import data as pika_data
 from pika import exceptions as pika_errors
 
 __all__ = [
+    "LATEST",
     "MAX_DEPTH",
     "TooDeep",
     "UndecodableHeaders",
@@ -57,7 +59,9 @@ MAX_DEPTH = 64
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can hold
-_MAX_DATETIME = datetime.max.replace(tzinfo=timezone.utc)
+#: Where a timestamp past year 9999 is clamped to: datetime.max in UTC, to the whole second
+#: (timestamps have no fraction, so it encodes and decodes to itself).
+LATEST = datetime.max.replace(microsecond=0, tzinfo=timezone.utc)
 _EPOCH = datetime(1970, 1, 1)
 _SECOND = timedelta(seconds=1)
 _UTC = timezone.utc
@@ -198,7 +202,7 @@ def _value(encoded: bytes, offset: int, depth: int) -> tuple[Any, int]:
     if kind == 84:  # T: timestamp, seconds since the epoch, unsigned
         (seconds,) = _u64(encoded, offset)
         if seconds > _MAX_TIMESTAMP:  # unsigned: only the far end can be out of range
-            return _MAX_DATETIME, offset + 8
+            return LATEST, offset + 8
         return _fromtimestamp(seconds, _UTC), offset + 8
     if kind == 100:  # d: double
         return _f64(encoded, offset)[0], offset + 8
