@@ -4,6 +4,7 @@ This is the one module that touches pika's Twisted adapter (importing it
 installs the default reactor, so only `makeService` imports this module). It
 adds what the adapter lacks: a handshake timeout, a teardown that cannot hang
 on a peer that stopped reading, and the real cause of every lost connection.
+Importing it also installs our field-table codec into pika (`_codec`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ReconnectingClientFactory
 from twisted.python.failure import Failure
 
+from . import _codec
 from ._backoff import Backoff
 from ._settings import BrokerURL
+
+# Headers pika cannot decode would drop the connection on every redelivery.
+_codec.install()
 
 #: Seconds an orderly TCP close may take before the socket is aborted.
 TEARDOWN_GRACE = 5.0
