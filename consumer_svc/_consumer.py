@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from ._acks import Acks
 from ._amqp import AMQPConnection, Channel
+from ._codec import UndecodableHeaders, encodable
 from ._copies import copy_properties, note_stripped, safe_headers
 from ._errors import AccessRefused, FatalError, PublishRefused, Reject, Retry, TopologyMismatch
 from ._handler import Invoker
@@ -343,6 +344,9 @@ class Consumer:
         started = self.monotonic()
         delivery = Delivery(acks, message, started)
         self.inflight.add(delivery)
+        if type(properties.headers) is UndecodableHeaders:
+            self._undecodable(delivery, properties.headers)
+            return
         try:
             result = self.invoke(message)
         except Exception:
@@ -364,6 +368,18 @@ class Consumer:
             )
         else:
             self._succeeded(result, delivery)
+
+    def _undecodable(self, delivery: Delivery, headers: UndecodableHeaders) -> None:
+        """Headers we could not read: park the message without running the handler on it."""
+        reason = f"UndecodableHeaders: {headers.error}"
+        log.warn(
+            "Message {tag} has headers that cannot be decoded ({reason}); parking it in {queue} "
+            "without running the handler",
+            tag=delivery.message.delivery_tag,
+            reason=headers.error,
+            queue=self.settings.dead_letter_queue,
+        )
+        self._park(delivery, Decision(Action.DEAD_LETTER, reason), 0)
 
     def _warn_stall(self, held: float, tag: int) -> None:
         log.warn(
@@ -509,8 +525,9 @@ class Consumer:
                 routing_key=message.routing_key,
                 queue=self.settings.queue,
             )
+        headers, unencodable = encodable(headers)
         properties, more = copy_properties(original, headers, username=self.settings.url.username)
-        properties.headers = note_stripped(properties.headers or {}, stripped + more) or None
+        properties.headers = note_stripped(properties.headers or {}, stripped + unencodable + more)
         return message.body, properties
 
     def _park_failed(

@@ -568,3 +568,26 @@ def test_an_innocent_copy_refused_with_a_guilty_one_is_retried_in_full() -> None
     assert queue == "q.retry.5s"
     assert headers == {"tenant": "a", "consumer-svc-retries": 1}
     assert setup.channel.settled == [("ack", 1)]
+
+
+def test_a_message_whose_headers_cannot_be_decoded_is_parked_without_running_the_handler() -> None:
+    """The codec hands over UndecodableHeaders: the message goes to the dead-letter queue, unhandled."""
+    from consumer_svc._codec import UndecodableHeaders
+
+    setup = Setup(lambda m: None)
+    setup.channel.deliver(3, body=b"odd", headers=UndecodableHeaders("a table ends mid-value"))
+    [(queue, body, headers)] = setup.publisher.published
+    assert (queue, body) == ("q.dead", b"odd")
+    assert headers["consumer-svc-failure"] == "UndecodableHeaders: a table ends mid-value"
+    assert setup.consumer.invoke.seen == []  # type: ignore[attr-defined]
+    assert setup.channel.settled == [("ack", 3)]
+
+
+def test_a_value_that_cannot_be_encoded_is_left_off_the_copy_and_named() -> None:
+    """An int beyond int64 cannot be republished: the copy goes without it and says so."""
+    setup = Setup(failing(RuntimeError("boom")))
+    setup.channel.deliver(1, headers={"big": 2**70, "ok": 1})
+    [(_, _, headers)] = setup.publisher.published
+    assert "big" not in headers
+    assert headers["ok"] == 1
+    assert headers["consumer-svc-stripped"] == "big"
