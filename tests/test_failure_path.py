@@ -235,3 +235,37 @@ async def test_a_missing_retry_queue_with_no_declare_is_declared_by_the_operator
     await send(rabbit, queue_name, [b"job"], declare=False)
     await eventually(lambda: len(calls) == 2, timeout=20, what="the retry")
     await queue_settles(rabbit, queue_name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_permissions_suffice_to_retry_and_park(
+    rabbit: RabbitNode, queue_name: str, services: Services
+) -> None:
+    """README's least-privilege regexes (default mode) let the service declare, retry and park, and nothing more."""
+    user = f"{queue_name}-least"
+    q = queue_name.replace(".", r"\.")
+    await deferToThread(rabbit.add_user, user, "pw")
+    await deferToThread(
+        rabbit.set_permissions,
+        "/",
+        user,
+        rf"^{q}(\.dead|\.retry\.[0-9]+s)?$",
+        r"^amq\.default$",
+        f"^{q}$",
+    )
+    calls: list[int] = []
+
+    def fails_then_rejects(message: Message) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        raise Reject("permanent")
+
+    run = services(
+        settings_for(rabbit.url(user, "pw"), queue_name, retry_delay=1), fails_then_rejects
+    )
+    await run.consuming()
+    await send(rabbit, queue_name, [b"job"], declare=False)
+    await ready(rabbit, f"{queue_name}.dead", 1)
+    assert len(calls) == 2
+    assert run.exits == []
