@@ -11,6 +11,18 @@ watchdog covers the cases where ``atexit`` never runs (the test process is SIGKI
 ``os._exit`` as pytest-timeout's thread method does). The marker is needed because Erlang's
 ``erl_child_setup`` and ``inet_gethost`` call ``setsid()``, so a process group misses them.
 
+``version="3.10"`` (the default) is the host's package. ``version="4.0"`` is Debian 13's,
+which needs a newer glibc than Debian 12 has, so every process of such a node (epmd, the
+server, each ``rabbitmqctl``) runs chrooted into a Debian 13 root (``scripts/rabbitmq4-root.sh``
+makes one under ``.tmp/``; ``RABBITMQ4_ROOT`` names another). Each runs through
+``unshare --mount --propagation private``: the bind mounts it needs (``/proc``, and the node's
+``base_dir`` at the same path inside the root) exist only in that process's own mount
+namespace and vanish with its last process, however it ends. The marker goes through
+``chroot`` in the environment, so cleanup works the same way.
+
+A :class:`RabbitCluster` joins N such nodes of one version into one cluster: they share an
+Erlang cookie and one epmd of the cluster's own.
+
 Only the standard library is imported, so importing this module never installs a reactor.
 Run as a script it serves a node in the foreground for ``make run``::
 
@@ -38,9 +50,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Protocol
 from urllib.parse import quote
 
 __all__ = [
+    "DEFAULT_VERSION",
+    "VERSIONS",
     "ConnectionInfo",
     "CtlError",
     "QueueStats",
@@ -48,7 +63,12 @@ __all__ = [
     "RabbitNodeError",
     "find_rabbitmq_scripts",
     "free_port",
+    "rabbitmq4_root",
 ]
+
+#: The RabbitMQ series a node can run: the host's package, and Debian 13's in a chroot.
+VERSIONS = ("3.10", "4.0")
+DEFAULT_VERSION = "3.10"
 
 _MARKER = "RABBITNODE_TAG"
 _DEFAULT_WATERMARK = "0.4"
@@ -150,13 +170,34 @@ def _free_port_block(count: int) -> int:
     raise RabbitNodeError(f"no block of {count} free TCP ports found on 127.0.0.1")
 
 
-def find_rabbitmq_scripts() -> tuple[Path, Path]:
-    """Find the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts (not Debian's wrapper)."""
+def rabbitmq4_root() -> Path:
+    """The Debian 13 root that 4.0 nodes run in: ``$RABBITMQ4_ROOT`` or ``.tmp/debian13-root``."""
+    given = os.environ.get("RABBITMQ4_ROOT")
+    if given:
+        return Path(given).resolve()
+    return Path(__file__).resolve().parent.parent / ".tmp" / "debian13-root"
+
+
+def find_rabbitmq_scripts(root: Path | None = None) -> tuple[Path, Path]:
+    """Find the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts (not Debian's wrapper).
+
+    With ``root``, look inside that root and return the paths as seen from inside it.
+    """
+    if root is not None:
+        found = sorted(glob.glob(f"{root}/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
+        for d in map(Path, reversed(found)):  # the newest, should there be several
+            if (d / "rabbitmq-server").is_file() and (d / "rabbitmqctl").is_file():
+                inside = Path("/") / d.relative_to(root)
+                return inside / "rabbitmq-server", inside / "rabbitmqctl"
+        raise RabbitNodeError(
+            f"no RabbitMQ in {root} (usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin); "
+            "run scripts/rabbitmq4-root.sh, which `make bootstrap` runs"
+        )
     dirs = [Path("/usr/lib/rabbitmq/bin")]
     dirs += [Path(p) for p in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))]
-    found = shutil.which("rabbitmq-server", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if found:
-        real = Path(found).resolve()
+    found_ = shutil.which("rabbitmq-server", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if found_:
+        real = Path(found_).resolve()
         # Debian's /usr/sbin/rabbitmq-server links to a wrapper that su's to "rabbitmq".
         if real.name != "rabbitmq-script-wrapper":
             dirs.append(real.parent)
@@ -175,17 +216,100 @@ def find_rabbitmq_scripts() -> tuple[Path, Path]:
     )
 
 
-def _find_epmd() -> Path:
-    found = shutil.which("epmd")
+def _find_epmd(root: Path | None = None) -> Path:
+    prefix = str(root or "")
+    found = None if root else shutil.which("epmd")
     candidates = [found] if found else []
     candidates += [
-        "/usr/lib/erlang/bin/epmd",
-        *sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")),
+        f"{prefix}/usr/lib/erlang/bin/epmd",
+        *sorted(glob.glob(f"{prefix}/usr/lib/erlang/erts-*/bin/epmd")),
     ]
     for c in candidates:
         if c and os.access(c, os.X_OK):
-            return Path(c)
-    raise RabbitNodeError("epmd not found (Debian package erlang-base)")
+            return Path("/") / Path(c).relative_to(root) if root else Path(c)
+    raise RabbitNodeError(f"epmd not found{f' in {root}' if root else ''} (package erlang-base)")
+
+
+# Run inside a private mount namespace (unshare): bind /proc and the given host folders at the
+# same paths inside the root, then chroot. The mounts die with the namespace's last process.
+# The mount points made in the root stay as empty folders; _Install.forget_binds removes them.
+_CHROOT_SCRIPT = """
+root=$1 cwd=$2 n=$3
+shift 3
+mount --bind /proc "$root/proc"
+while [ "$n" -gt 0 ]; do
+    mkdir -p "$root$1"
+    mount --bind "$1" "$root$1"
+    shift
+    n=$((n - 1))
+done
+exec chroot "$root" /usr/bin/env --chdir="$cwd" "$@"
+"""
+
+
+@dataclass(frozen=True)
+class _Install:
+    """Where one RabbitMQ version's programs are, and how to run them."""
+
+    series: str  # "3.10", "4.0": what was asked for
+    version: str  # "4.0.5": the package's
+    root: Path | None  # None: the host's own package
+    server: Path  # paths as seen by the program, i.e. inside ``root``
+    ctl: Path
+    epmd: Path
+
+    @classmethod
+    def find(cls, series: str) -> _Install:
+        if series not in VERSIONS:
+            raise RabbitNodeError(f"unknown RabbitMQ version {series!r}; known: {VERSIONS}")
+        root = None
+        if series != DEFAULT_VERSION:
+            root = rabbitmq4_root()
+            if not (root / "usr").is_dir():
+                raise RabbitNodeError(
+                    f"RabbitMQ {series} needs the Debian 13 root {root}, which is missing: "
+                    "run scripts/rabbitmq4-root.sh (`make bootstrap` does) or set RABBITMQ4_ROOT"
+                )
+            for tool in ("unshare", "chroot", "mount"):
+                if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+                    raise RabbitNodeError(f"RabbitMQ {series} in a chroot needs {tool}")
+        server, ctl = find_rabbitmq_scripts(root)
+        host_server = (root / server.relative_to("/")) if root else server
+        # .../lib/rabbitmq_server-4.0.5/sbin/rabbitmq-server
+        package = host_server.resolve().parent.parent.name
+        version = package.removeprefix("rabbitmq_server-")
+        if not version.startswith(series + "."):
+            where = root or "this host"
+            raise RabbitNodeError(f"RabbitMQ {series} wanted, but {where} has {package}")
+        return cls(series, version, root, server, ctl, _find_epmd(root))
+
+    def command(
+        self, argv: Sequence[str], binds: Sequence[Path] = (), cwd: Path = Path("/")
+    ) -> list[str]:
+        """``argv`` as run for this install: as is on the host, else chrooted (see above)."""
+        if self.root is None:
+            return list(argv)
+        return [
+            "unshare", "--mount", "--propagation", "private",
+            "sh", "-ec", _CHROOT_SCRIPT, "sh", str(self.root), str(cwd), str(len(binds)),
+            *map(str, binds), *argv,
+        ]  # fmt: skip
+
+    def forget_binds(self, binds: Sequence[Path]) -> None:
+        """Remove the empty mount-point folders ``command`` left in the root (best effort)."""
+        if self.root is None:
+            return
+        for bind in binds:
+            inside = self.root / bind.relative_to("/")
+            # Never a top-level folder of the root (its /tmp), never a non-empty one.
+            while inside.parent != self.root and inside != self.root:
+                try:
+                    if os.path.ismount(inside):
+                        break
+                    inside.rmdir()
+                except OSError:
+                    break
+                inside = inside.parent
 
 
 def _pids_with_marker(prefix: str) -> list[int]:
@@ -272,7 +396,102 @@ def _first_errors(path: Path, since: str, lines: int = 15) -> str:
     return "\n".join(found[:lines])
 
 
-_live_nodes: set[RabbitNode] = set()
+def _base_env() -> dict[str, str]:
+    """The caller's environment without anything that would make a node a system node's twin."""
+    # Drop the caller's RabbitMQ/Erlang settings (and systemd's, which would make the
+    # script exec the VM and notify systemd) so nothing of a system node leaks in.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RABBITMQ_", "ERL_"))
+        and k not in {"NOTIFY_SOCKET", "CONF_ENV_FILE", "NODENAME", "HOME"}
+    }
+    if not (env.get("LC_ALL") or env.get("LANG")):
+        env["LC_ALL"] = "C.UTF-8"  # else the Erlang VM warns about latin1 file names
+    return env
+
+
+class _Watchdog:
+    """A process that kills everything marked ``tag`` if we die without disarming it."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def arm(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        # Its own session: a Ctrl-C in the terminal must not kill it before the node.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), "_watchdog", self.tag],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def disarm(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"disarm\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Epmd:
+    """An epmd of our own on a free port (the system's owns 4369), marked ``marker``."""
+
+    def __init__(self, install: _Install, log: Path, marker: str) -> None:
+        self.install = install
+        self.port = free_port()
+        self.log = log
+        self.marker = marker
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, deadline: _Deadline) -> None:
+        if self.is_running():
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(self.install.epmd), "-port", str(self.port), "-address", "127.0.0.1"]
+        with open(self.log, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.install.command(argv),
+                env={**_base_env(), _MARKER: self.marker},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while _epmd_names(self.port) is None:
+            if self._proc.poll() is not None or deadline.expired:
+                raise RabbitNodeError(
+                    f"epmd on port {self.port} did not start:\n" + _tail(self.log)
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        _kill_marked(self.marker)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+        self._proc = None
+
+
+class _Stoppable(Protocol):
+    def stop(self, timeout: float = ...) -> None: ...
+
+    def _kill_everything(self) -> None: ...
+
+
+_live_nodes: set[_Stoppable] = set()  # nodes and clusters, stopped at exit
 _live_lock = threading.Lock()
 
 
@@ -294,6 +513,10 @@ class RabbitNode:
     Data (``mnesia/``) survives ``kill()`` + ``start()`` and ``restart_app()``, since the node
     name, ports and directories stay the same for the object's lifetime. All methods block,
     and all are bounded by timeouts; call them from a thread in Twisted tests.
+
+    ``version`` picks the RabbitMQ series ("3.10": the host's package; "4.0": Debian 13's, run
+    in a chroot, see the module docstring); ``base_dir`` must then not lie inside that root.
+    ``cookie`` and ``epmd`` are for :class:`RabbitCluster`, whose nodes share both.
     """
 
     def __init__(
@@ -306,8 +529,19 @@ class RabbitNode:
         start_timeout: float = 60.0,
         advanced: str = "",
         plugins: Iterable[str] = (),
+        version: str = DEFAULT_VERSION,
+        cookie: str | None = None,
+        epmd: _Epmd | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
+        self._install = _Install.find(version)
+        #: The series asked for: "3.10" or "4.0".
+        self.series = self._install.series
+        #: The package's full version, e.g. "4.0.5" (the running node's: :meth:`running_version`).
+        self.version = self._install.version
+        if self._install.root is not None and self.base_dir.is_relative_to(self._install.root):
+            raise RabbitNodeError(f"base_dir {self.base_dir} lies inside {self._install.root}")
+        self.cookie = cookie or "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
         self.config = tuple(config)
         #: Erlang terms for advanced.config, for settings rabbitmq.conf cannot express,
         #: e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}].``
@@ -320,19 +554,22 @@ class RabbitNode:
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port()
         self.ctl_port_min = _free_port_block(_CTL_PORTS)
-        self.epmd_port = free_port()
         self.start_timeout = start_timeout
-        self._server_script, self._ctl_script = find_rabbitmq_scripts()
-        self._epmd_binary = _find_epmd()
         self._tag = secrets.token_hex(8)
+        # A shared epmd (a cluster's) is neither started nor stopped by the node.
+        self._own_epmd = epmd is None
+        self._epmd = epmd or _Epmd(self._install, self.base_dir / "epmd.log", f"{self._tag}:epmd")
+        self.epmd_port = self._epmd.port
         self._server: subprocess.Popen[bytes] | None = None
-        self._epmd: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = _Watchdog(self._tag)
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
-        return f"<RabbitNode {self.nodename} amqp=127.0.0.1:{self.amqp_port} {state}>"
+        return (
+            f"<RabbitNode {self.nodename} RabbitMQ {self.version}"
+            f" amqp=127.0.0.1:{self.amqp_port} {state}>"
+        )
 
     # -- paths and environment -------------------------------------------------------------
 
@@ -358,16 +595,7 @@ class RabbitNode:
         )
 
     def _env(self, role: str) -> dict[str, str]:
-        # Drop the caller's RabbitMQ/Erlang settings (and systemd's, which would make the
-        # script exec the VM and notify systemd) so nothing of a system node leaks in.
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("RABBITMQ_", "ERL_"))
-            and k not in {"NOTIFY_SOCKET", "CONF_ENV_FILE", "NODENAME", "HOME"}
-        }
-        if not (env.get("LC_ALL") or env.get("LANG")):
-            env["LC_ALL"] = "C.UTF-8"  # else the Erlang VM warns about latin1 file names
+        env = _base_env()
         b = self.base_dir
         loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
         env.update(
@@ -399,9 +627,9 @@ class RabbitNode:
         for sub in ("home", "mnesia", "log"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         cookie = self.home / ".erlang.cookie"
-        if not cookie.exists():
-            letters = string.ascii_uppercase
-            cookie.write_text("".join(secrets.choice(letters) for _ in range(32)))
+        if not cookie.exists() or cookie.read_text() != self.cookie:
+            cookie.unlink(missing_ok=True)
+            cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (self.base_dir / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         advanced = self.base_dir / "advanced.config"
@@ -433,13 +661,13 @@ class RabbitNode:
                 self._prepare_dirs()
                 with _live_lock:
                     _live_nodes.add(self)
-                self._ensure_watchdog()
+                self._watchdog.arm()
                 self._ensure_epmd(deadline)
                 with open(self.server_log, "ab") as log:
                     log.write(f"\n{_START_MARK} {time.strftime('%H:%M:%S')} ===\n".encode())
                     log.flush()
                     self._server = subprocess.Popen(
-                        [str(self._server_script)],
+                        self._command([str(self._install.server)]),
                         env=self._env("server"),
                         cwd=self.base_dir,
                         stdin=subprocess.DEVNULL,
@@ -487,60 +715,28 @@ class RabbitNode:
             # The VM's epmd connection closed with it, so the name is free again at once.
 
     def _kill_everything(self) -> None:
-        """Kill the server, any rabbitmqctl in flight and epmd; disarm the watchdog."""
+        """Kill the server, any rabbitmqctl in flight and our epmd; disarm the watchdog."""
         _kill_marked(f"{self._tag}:")
-        for proc in (self._server, self._epmd):
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-        self._server = self._epmd = None
-        self._disarm_watchdog()
+        if self._server is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._server.wait(timeout=5)
+        self._server = None
+        if self._own_epmd:
+            self._epmd.stop()
+        self._install.forget_binds([self.base_dir])
+        self._watchdog.disarm()
         with _live_lock:
             _live_nodes.discard(self)
 
+    def _command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as run for this node's version: in the Debian 13 root for 4.0."""
+        return self._install.command(argv, binds=[self.base_dir], cwd=self.base_dir)
+
     def _ensure_epmd(self, deadline: _Deadline) -> None:
-        if self._epmd is not None and self._epmd.poll() is None:
-            return
-        with open(self.base_dir / "epmd.log", "ab") as log:
-            self._epmd = subprocess.Popen(
-                [str(self._epmd_binary), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-                env=self._env("epmd"),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        while _epmd_names(self.epmd_port) is None:
-            if self._epmd.poll() is not None or deadline.expired:
-                raise RabbitNodeError(
-                    f"epmd on port {self.epmd_port} did not start:\n"
-                    + _tail(self.base_dir / "epmd.log")
-                )
-            time.sleep(0.02)
-
-    def _ensure_watchdog(self) -> None:
-        if self._watchdog is not None and self._watchdog.poll() is None:
-            return
-        # Its own session: a Ctrl-C in the terminal must not kill it before the node.
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), "_watchdog", self._tag],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def _disarm_watchdog(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"disarm\n")
-            watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        if self._own_epmd:
+            self._epmd.start(deadline)
+        elif not self._epmd.is_running():
+            raise RabbitNodeError(f"the shared epmd on port {self.epmd_port} is not running")
 
     def _check_alive(self) -> None:
         if self._server is None or self._server.poll() is not None:
@@ -613,11 +809,11 @@ class RabbitNode:
         """Run ``rabbitmqctl -n NODE ARGS`` with this node's environment; return stdout."""
         # rabbitmqctl starts an "epmd -daemon" on ERL_EPMD_PORT when none answers there
         # (even with -start_epmd false), so never run it without our epmd.
-        if self._epmd is None or self._epmd.poll() is not None:
+        if self._server is None or not self._epmd.is_running():
             raise RabbitNodeError(f"{self.nodename} is not started")
-        argv = [str(self._ctl_script), "-n", self.nodename, *args]
+        argv = [str(self._install.ctl), "-n", self.nodename, *args]
         proc = subprocess.Popen(
-            argv,
+            self._command(argv),
             env=self._env("ctl"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -786,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--config", action="append", metavar="LINE", help="extra rabbitmq.conf line (repeatable)"
     )
-    watchdog = sub.add_parser("_watchdog")  # internal, see RabbitNode._ensure_watchdog
+    watchdog = sub.add_parser("_watchdog")  # internal, see _Watchdog
     watchdog.add_argument("tag")
     args = parser.parse_args(argv)
     if args.command == "serve":
