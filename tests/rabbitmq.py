@@ -46,19 +46,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 __all__ = [
     "DEFAULT_VERSION",
     "VERSIONS",
+    "ClusterQueue",
     "ConnectionInfo",
     "CtlError",
     "QueueStats",
+    "RabbitCluster",
     "RabbitNode",
     "RabbitNodeError",
     "find_rabbitmq_scripts",
@@ -103,6 +105,27 @@ class QueueStats:
     messages_ready: int
     messages_unacknowledged: int
     consumers: int
+
+
+@dataclass(frozen=True)
+class ClusterQueue:
+    """Where a queue lives in a cluster, as ``rabbitmqctl list_queues`` reports it."""
+
+    name: str
+    type: str  # "classic", "quorum", "stream"
+    leader: str | None  # the node of a classic queue, the leader of a quorum queue
+    members: tuple[str, ...]  # every replica's node; empty for a classic queue on 3.10
+
+    @classmethod
+    def from_row(cls, row: dict[str, object]) -> ClusterQueue:
+        members = row.get("members")
+        leader = row.get("leader")
+        return cls(
+            name=str(row["name"]),
+            type=str(row["type"]),
+            leader=str(leader) if leader else None,
+            members=tuple(sorted(map(str, members))) if isinstance(members, list) else (),
+        )
 
 
 @dataclass(frozen=True)
@@ -894,6 +917,34 @@ class RabbitNode:
         """Delete a queue; its consumers get ``basic.cancel`` (ConsumerCancelled in pika)."""
         self.ctl("delete_queue", "-p", vhost, name)
 
+    def running_version(self) -> str:
+        """The RabbitMQ version the running node reports (``rabbitmqctl status``)."""
+        status = self._ctl_json("status")
+        assert isinstance(status, dict)
+        return str(status["rabbitmq_version"])
+
+    # -- clustering -------------------------------------------------------------------------
+
+    def join_cluster(self, other: RabbitNode, timeout: float = 90.0) -> None:
+        """Reset this node and join ``other``'s cluster (same cookie and epmd needed)."""
+        deadline = _Deadline(timeout)
+        self.stop_app(timeout=deadline.remaining(1))
+        self.ctl("reset", timeout=deadline.remaining(1))
+        self.ctl("join_cluster", other.nodename, timeout=deadline.remaining(1))
+        self.start_app(timeout=deadline.remaining(1))
+
+    def running_nodes(self) -> list[str]:
+        """Names of the cluster's nodes that this node sees running, itself included."""
+        status = self._ctl_json("cluster_status")
+        assert isinstance(status, dict)
+        return sorted(status["running_nodes"])
+
+    def queue_placement(self, vhost: str = "/") -> dict[str, ClusterQueue]:
+        """Queue name -> type, leader and members (replicas), as this node sees them."""
+        rows = self._ctl_json("list_queues", "-q", "-p", vhost, "name", "type", "leader", "members")
+        assert isinstance(rows, list)
+        return {r["name"]: ClusterQueue.from_row(r) for r in rows}
+
     def alarms(self) -> list[str]:
         """Resources currently in alarm, e.g. ``["memory"]``."""
         status = self._ctl_json("status")
@@ -908,6 +959,244 @@ class RabbitNode:
             if deadline.expired:
                 raise RabbitNodeError(f"memory alarm not {'on' if on else 'off'} in {timeout} s")
             time.sleep(0.1)
+
+
+class RabbitCluster:
+    """``size`` private nodes of one RabbitMQ version, joined into one cluster.
+
+    The nodes share an Erlang cookie and an epmd of the cluster's own (which outlives any one
+    node being stopped or killed); each has its own ports, node name and ``base_dir/nK``.
+    Node 0 is the seed: the others ``stop_app; reset; join_cluster`` it. ``config`` and the
+    other keywords go to every :class:`RabbitNode`. All methods block and are bounded.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        size: int = 3,
+        *,
+        version: str = DEFAULT_VERSION,
+        config: Iterable[str] = (),
+        start_timeout: float = 120.0,
+        **node_kwargs: Any,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs a node")
+        self.base_dir = Path(base_dir).resolve()
+        self.start_timeout = start_timeout
+        self._tag = secrets.token_hex(8)
+        install = _Install.find(version)
+        self._epmd = _Epmd(install, self.base_dir / "epmd.log", f"{self._tag}:epmd")
+        self._watchdog = _Watchdog(self._tag)
+        cookie = "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
+        prefix = f"rmqc-{secrets.token_hex(3)}"
+        self.nodes = [
+            RabbitNode(
+                self.base_dir / f"n{i}",
+                config=config,
+                nodename=f"{prefix}-{i}@localhost",
+                version=version,
+                cookie=cookie,
+                epmd=self._epmd,
+                start_timeout=start_timeout,
+                **node_kwargs,
+            )
+            for i in range(size)
+        ]
+        self.version = self.nodes[0].version
+        self.series = self.nodes[0].series
+
+    def __repr__(self) -> str:
+        running = sum(n.is_running() for n in self.nodes)
+        return (
+            f"<RabbitCluster of {len(self.nodes)} RabbitMQ {self.version}"
+            f" nodes ({running} running) amqp ports {[n.amqp_port for n in self.nodes]}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, index: int) -> RabbitNode:
+        return self.nodes[index]
+
+    def __iter__(self) -> Iterator[RabbitNode]:
+        return iter(self.nodes)
+
+    def __enter__(self) -> RabbitCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def nodenames(self) -> list[str]:
+        return sorted(n.nodename for n in self.nodes)
+
+    def url(
+        self, index: int, user: str = "guest", password: str = "guest", vhost: str = "/"
+    ) -> str:
+        """The ``amqp://`` URL of node ``index``."""
+        return self.nodes[index].url(user, password, vhost)
+
+    def urls(self, user: str = "guest", password: str = "guest", vhost: str = "/") -> list[str]:
+        """Every node's ``amqp://`` URL, in node order."""
+        return [n.url(user, password, vhost) for n in self.nodes]
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> RabbitCluster:
+        """Start every node (at once, in threads), join them to node 0, wait until all run."""
+        deadline = _Deadline(timeout or self.start_timeout)
+        try:
+            with _live_lock:
+                _live_nodes.add(self)
+            self._watchdog.arm()
+            self._epmd.start(deadline)
+            self._in_parallel(lambda n: n.start(timeout=deadline.remaining(1)), self.nodes)
+            seed = self.nodes[0]
+            # One at a time: concurrent joins to one seed can trip over each other.
+            for node in self.nodes[1:]:
+                if node.nodename not in seed.running_nodes():
+                    node.join_cluster(seed, timeout=deadline.remaining(1))
+            self.wait_running(timeout=deadline.remaining(1))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._kill_everything()
+            raise
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop every node, then the cluster's epmd; leave no process behind. Idempotent."""
+        deadline = _Deadline(timeout)
+        errors: list[BaseException] = []
+        # All at once: a cluster node stopping last waits for nobody.
+        self._in_parallel(
+            lambda n: n.stop(timeout=deadline.remaining(5)), self.nodes, errors=errors
+        )
+        self._kill_everything()
+        if errors:
+            raise errors[0]
+
+    def _kill_everything(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node._kill_everything()
+        _kill_marked(f"{self._tag}:")
+        self._epmd.stop()
+        self._watchdog.disarm()
+        with _live_lock:
+            _live_nodes.discard(self)
+
+    def leftover_pids(self) -> list[int]:
+        """Pids of live processes of any node or of the cluster's epmd."""
+        pids = _pids_with_marker(f"{self._tag}:")
+        for node in self.nodes:
+            pids += node.leftover_pids()
+        return sorted(pids)
+
+    @staticmethod
+    def _in_parallel(
+        work: Callable[[RabbitNode], object],
+        nodes: Sequence[RabbitNode],
+        errors: list[BaseException] | None = None,
+    ) -> None:
+        """Run ``work`` on each node in its own thread; raise the first error (or collect)."""
+        failed: list[BaseException] = [] if errors is None else errors
+
+        def run(node: RabbitNode) -> None:
+            try:
+                work(node)
+            except BaseException as e:
+                failed.append(e)
+
+        threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()  # every node method is bounded by its own timeout
+        if failed and errors is None:
+            raise failed[0]
+
+    # -- one node at a time -----------------------------------------------------------------
+
+    def stop_node(self, index: int, timeout: float = 30.0) -> None:
+        """Stop node ``index`` gracefully (its data stays); the others go on."""
+        self.nodes[index].stop(timeout=timeout)
+
+    def start_node(self, index: int, timeout: float = 60.0) -> None:
+        """Start node ``index`` again with its data; it rejoins the cluster by itself."""
+        self.nodes[index].start(timeout=timeout)
+        self.wait_running(timeout=timeout)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node ``index`` (a crash); :meth:`start_node` brings it back."""
+        self.nodes[index].kill()
+
+    def restart_app(self, index: int, timeout: float = 60.0) -> None:
+        """``stop_app`` + ``start_app`` on node ``index``, then wait until all nodes run."""
+        deadline = _Deadline(timeout)
+        self.nodes[index].restart_app(timeout=deadline.remaining(1))
+        self.wait_running(timeout=deadline.remaining(1))
+
+    def rolling_restart(self, *, app_only: bool = True, timeout: float = 180.0) -> None:
+        """Restart the nodes one after another, each only once the cluster is whole again.
+
+        ``app_only`` restarts the RabbitMQ application (``stop_app``/``start_app``); otherwise
+        each node's VM is stopped and started.
+        """
+        deadline = _Deadline(timeout)
+        for i in range(len(self.nodes)):
+            if app_only:
+                self.restart_app(i, timeout=deadline.remaining(1))
+            else:
+                self.stop_node(i, timeout=deadline.remaining(1))
+                self.start_node(i, timeout=deadline.remaining(1))
+
+    # -- what the cluster says --------------------------------------------------------------
+
+    def running_nodes(self) -> list[str]:
+        """Cluster members running, as the first node that answers sees them."""
+        last: Exception | None = None
+        for node in self.nodes:
+            if node.is_running():
+                try:
+                    return node.running_nodes()
+                except RabbitNodeError as e:  # e.g. its app is stopped
+                    last = e
+        raise RabbitNodeError(f"no node of the cluster answers: {last}")
+
+    def wait_running(self, count: int | None = None, timeout: float = 60.0) -> list[str]:
+        """Wait until ``count`` (default: all) nodes run as seen by every running node."""
+        want = len(self.nodes) if count is None else count
+        deadline = _Deadline(timeout)
+        seen: object = None
+        while True:
+            try:
+                views = [n.running_nodes() for n in self.nodes if n.is_running()]
+                seen = views
+                if views and all(len(v) == want for v in views):
+                    return views[0]
+            except RabbitNodeError as e:
+                seen = e
+            if deadline.expired:
+                raise RabbitNodeError(f"{want} running nodes not seen within {timeout} s: {seen}")
+            time.sleep(0.2)
+
+    def list_queues(self, vhost: str = "/") -> dict[str, ClusterQueue]:
+        """Queue name -> type, leader and members, from the first node that answers."""
+        last: Exception | None = None
+        for node in self.nodes:
+            if node.is_running():
+                try:
+                    return node.queue_placement(vhost)
+                except RabbitNodeError as e:
+                    last = e
+        raise RabbitNodeError(f"no node of the cluster answers: {last}")
 
 
 # -- command line ------------------------------------------------------------------------------
