@@ -1,5 +1,6 @@
 # The same commands for a person and for CI (.ci/run): `make test` is the one test command.
-#   make bootstrap   .venv with the package and its [test,dev] extras, RabbitMQ if missing
+#   make bootstrap   .venv with the package and its [test,dev] extras, RabbitMQ if missing,
+#                    RabbitMQ 4.0 in a Debian 13 root under .tmp (scripts/rabbitmq4-root.sh)
 #   make run         twistd consumer with tap.conf, against a local broker (ARGS="--queue x")
 #   make test        lint, type check, then pytest (PYTEST_ARGS="-k harness -x")
 #   make lint        ruff check and ruff format --check
@@ -41,8 +42,9 @@ bench: bootstrap
 	$(BIN)/pip install --quiet --disable-pip-version-check '.[bench]'
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
+# --one-file-system: never delete through a mount (.tmp holds a Debian root).
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tmp
+	rm -rf --one-file-system build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tmp
 	find . -path ./.venv -prune -o \( -name __pycache__ -o -name dropin.cache \) -print0 \
 		| xargs -0 rm -rf
 

@@ -5,7 +5,9 @@
 #     brokers, and python3-venv where python3 lacks it; installed with apt-get when root,
 #     otherwise printed for you to run;
 #   - .venv with the package and its [test,dev] extras, reinstalled whenever setup.py,
-#     pyproject.toml, README.md or the sources change (the tests import the installed copy).
+#     pyproject.toml, README.md or the sources change (the tests import the installed copy);
+#   - a Debian 13 root with RabbitMQ 4.0 for the 4.0 tests (scripts/rabbitmq4-root.sh: made
+#     once under .tmp/, ~1 min; RABBITMQ4_ROOT names an existing one). Its failure fails this.
 #
 # PYTHON picks the interpreter for a new .venv (default python3).
 set -euo pipefail
@@ -74,3 +76,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ]; then
     "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
     echo "$fingerprint" >"$stamp"
 fi
+
+# -- RabbitMQ 4.0 in a Debian 13 root ------------------------------------------------------
+scripts/rabbitmq4-root.sh

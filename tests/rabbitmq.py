@@ -11,6 +11,18 @@ watchdog covers the cases where ``atexit`` never runs (the test process is SIGKI
 ``os._exit`` as pytest-timeout's thread method does). The marker is needed because Erlang's
 ``erl_child_setup`` and ``inet_gethost`` call ``setsid()``, so a process group misses them.
 
+``version="3.10"`` (the default) is the host's package. ``version="4.0"`` is Debian 13's,
+which needs a newer glibc than Debian 12 has, so every process of such a node (epmd, the
+server, each ``rabbitmqctl``) runs chrooted into a Debian 13 root (``scripts/rabbitmq4-root.sh``
+makes one under ``.tmp/``; ``RABBITMQ4_ROOT`` names another). Each runs through
+``unshare --mount --propagation private``: the bind mounts it needs (``/proc``, and the node's
+``base_dir`` at the same path inside the root) exist only in that process's own mount
+namespace and vanish with its last process, however it ends. The marker goes through
+``chroot`` in the environment, so cleanup works the same way.
+
+A :class:`RabbitCluster` joins N such nodes of one version into one cluster: they share an
+Erlang cookie and one epmd of the cluster's own.
+
 Only the standard library is imported, so importing this module never installs a reactor.
 Run as a script it serves a node in the foreground for ``make run``::
 
@@ -34,21 +46,31 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any, Protocol
 from urllib.parse import quote
 
 __all__ = [
+    "DEFAULT_VERSION",
+    "VERSIONS",
+    "ClusterQueue",
     "ConnectionInfo",
     "CtlError",
     "QueueStats",
+    "RabbitCluster",
     "RabbitNode",
     "RabbitNodeError",
     "find_rabbitmq_scripts",
     "free_port",
+    "rabbitmq4_root",
 ]
+
+#: The RabbitMQ series a node can run: the host's package, and Debian 13's in a chroot.
+VERSIONS = ("3.10", "4.0")
+DEFAULT_VERSION = "3.10"
 
 _MARKER = "RABBITNODE_TAG"
 _DEFAULT_WATERMARK = "0.4"
@@ -83,6 +105,27 @@ class QueueStats:
     messages_ready: int
     messages_unacknowledged: int
     consumers: int
+
+
+@dataclass(frozen=True)
+class ClusterQueue:
+    """Where a queue lives in a cluster, as ``rabbitmqctl list_queues`` reports it."""
+
+    name: str
+    type: str  # "classic", "quorum", "stream"
+    leader: str | None  # the node of a classic queue, the leader of a quorum queue
+    members: tuple[str, ...]  # every replica's node; empty for a classic queue on 3.10
+
+    @classmethod
+    def from_row(cls, row: dict[str, object]) -> ClusterQueue:
+        members = row.get("members")
+        leader = row.get("leader")
+        return cls(
+            name=str(row["name"]),
+            type=str(row["type"]),
+            leader=str(leader) if leader else None,
+            members=tuple(sorted(map(str, members))) if isinstance(members, list) else (),
+        )
 
 
 @dataclass(frozen=True)
@@ -150,13 +193,34 @@ def _free_port_block(count: int) -> int:
     raise RabbitNodeError(f"no block of {count} free TCP ports found on 127.0.0.1")
 
 
-def find_rabbitmq_scripts() -> tuple[Path, Path]:
-    """Find the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts (not Debian's wrapper)."""
+def rabbitmq4_root() -> Path:
+    """The Debian 13 root that 4.0 nodes run in: ``$RABBITMQ4_ROOT`` or ``.tmp/debian13-root``."""
+    given = os.environ.get("RABBITMQ4_ROOT")
+    if given:
+        return Path(given).resolve()
+    return Path(__file__).resolve().parent.parent / ".tmp" / "debian13-root"
+
+
+def find_rabbitmq_scripts(root: Path | None = None) -> tuple[Path, Path]:
+    """Find the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts (not Debian's wrapper).
+
+    With ``root``, look inside that root and return the paths as seen from inside it.
+    """
+    if root is not None:
+        found = sorted(glob.glob(f"{root}/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))
+        for d in map(Path, reversed(found)):  # the newest, should there be several
+            if (d / "rabbitmq-server").is_file() and (d / "rabbitmqctl").is_file():
+                inside = Path("/") / d.relative_to(root)
+                return inside / "rabbitmq-server", inside / "rabbitmqctl"
+        raise RabbitNodeError(
+            f"no RabbitMQ in {root} (usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin); "
+            "run scripts/rabbitmq4-root.sh, which `make bootstrap` runs"
+        )
     dirs = [Path("/usr/lib/rabbitmq/bin")]
     dirs += [Path(p) for p in sorted(glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin"))]
-    found = shutil.which("rabbitmq-server", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-    if found:
-        real = Path(found).resolve()
+    found_ = shutil.which("rabbitmq-server", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if found_:
+        real = Path(found_).resolve()
         # Debian's /usr/sbin/rabbitmq-server links to a wrapper that su's to "rabbitmq".
         if real.name != "rabbitmq-script-wrapper":
             dirs.append(real.parent)
@@ -175,17 +239,100 @@ def find_rabbitmq_scripts() -> tuple[Path, Path]:
     )
 
 
-def _find_epmd() -> Path:
-    found = shutil.which("epmd")
+def _find_epmd(root: Path | None = None) -> Path:
+    prefix = str(root or "")
+    found = None if root else shutil.which("epmd")
     candidates = [found] if found else []
     candidates += [
-        "/usr/lib/erlang/bin/epmd",
-        *sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd")),
+        f"{prefix}/usr/lib/erlang/bin/epmd",
+        *sorted(glob.glob(f"{prefix}/usr/lib/erlang/erts-*/bin/epmd")),
     ]
     for c in candidates:
         if c and os.access(c, os.X_OK):
-            return Path(c)
-    raise RabbitNodeError("epmd not found (Debian package erlang-base)")
+            return Path("/") / Path(c).relative_to(root) if root else Path(c)
+    raise RabbitNodeError(f"epmd not found{f' in {root}' if root else ''} (package erlang-base)")
+
+
+# Run inside a private mount namespace (unshare): bind /proc and the given host folders at the
+# same paths inside the root, then chroot. The mounts die with the namespace's last process.
+# The mount points made in the root stay as empty folders; _Install.forget_binds removes them.
+_CHROOT_SCRIPT = """
+root=$1 cwd=$2 n=$3
+shift 3
+mount --bind /proc "$root/proc"
+while [ "$n" -gt 0 ]; do
+    mkdir -p "$root$1"
+    mount --bind "$1" "$root$1"
+    shift
+    n=$((n - 1))
+done
+exec chroot "$root" /usr/bin/env --chdir="$cwd" "$@"
+"""
+
+
+@dataclass(frozen=True)
+class _Install:
+    """Where one RabbitMQ version's programs are, and how to run them."""
+
+    series: str  # "3.10", "4.0": what was asked for
+    version: str  # "4.0.5": the package's
+    root: Path | None  # None: the host's own package
+    server: Path  # paths as seen by the program, i.e. inside ``root``
+    ctl: Path
+    epmd: Path
+
+    @classmethod
+    def find(cls, series: str) -> _Install:
+        if series not in VERSIONS:
+            raise RabbitNodeError(f"unknown RabbitMQ version {series!r}; known: {VERSIONS}")
+        root = None
+        if series != DEFAULT_VERSION:
+            root = rabbitmq4_root()
+            if not (root / "usr").is_dir():
+                raise RabbitNodeError(
+                    f"RabbitMQ {series} needs the Debian 13 root {root}, which is missing: "
+                    "run scripts/rabbitmq4-root.sh (`make bootstrap` does) or set RABBITMQ4_ROOT"
+                )
+            for tool in ("unshare", "chroot", "mount"):
+                if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+                    raise RabbitNodeError(f"RabbitMQ {series} in a chroot needs {tool}")
+        server, ctl = find_rabbitmq_scripts(root)
+        host_server = (root / server.relative_to("/")) if root else server
+        # .../lib/rabbitmq_server-4.0.5/sbin/rabbitmq-server
+        package = host_server.resolve().parent.parent.name
+        version = package.removeprefix("rabbitmq_server-")
+        if not version.startswith(series + "."):
+            where = root or "this host"
+            raise RabbitNodeError(f"RabbitMQ {series} wanted, but {where} has {package}")
+        return cls(series, version, root, server, ctl, _find_epmd(root))
+
+    def command(
+        self, argv: Sequence[str], binds: Sequence[Path] = (), cwd: Path = Path("/")
+    ) -> list[str]:
+        """``argv`` as run for this install: as is on the host, else chrooted (see above)."""
+        if self.root is None:
+            return list(argv)
+        return [
+            "unshare", "--mount", "--propagation", "private",
+            "sh", "-ec", _CHROOT_SCRIPT, "sh", str(self.root), str(cwd), str(len(binds)),
+            *map(str, binds), *argv,
+        ]  # fmt: skip
+
+    def forget_binds(self, binds: Sequence[Path]) -> None:
+        """Remove the empty mount-point folders ``command`` left in the root (best effort)."""
+        if self.root is None:
+            return
+        for bind in binds:
+            inside = self.root / bind.relative_to("/")
+            # Never a top-level folder of the root (its /tmp), never a non-empty one.
+            while inside.parent != self.root and inside != self.root:
+                try:
+                    if os.path.ismount(inside):
+                        break
+                    inside.rmdir()
+                except OSError:
+                    break
+                inside = inside.parent
 
 
 def _pids_with_marker(prefix: str) -> list[int]:
@@ -272,7 +419,102 @@ def _first_errors(path: Path, since: str, lines: int = 15) -> str:
     return "\n".join(found[:lines])
 
 
-_live_nodes: set[RabbitNode] = set()
+def _base_env() -> dict[str, str]:
+    """The caller's environment without anything that would make a node a system node's twin."""
+    # Drop the caller's RabbitMQ/Erlang settings (and systemd's, which would make the
+    # script exec the VM and notify systemd) so nothing of a system node leaks in.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RABBITMQ_", "ERL_"))
+        and k not in {"NOTIFY_SOCKET", "CONF_ENV_FILE", "NODENAME", "HOME"}
+    }
+    if not (env.get("LC_ALL") or env.get("LANG")):
+        env["LC_ALL"] = "C.UTF-8"  # else the Erlang VM warns about latin1 file names
+    return env
+
+
+class _Watchdog:
+    """A process that kills everything marked ``tag`` if we die without disarming it."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def arm(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        # Its own session: a Ctrl-C in the terminal must not kill it before the node.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), "_watchdog", self.tag],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def disarm(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"disarm\n")
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Epmd:
+    """An epmd of our own on a free port (the system's owns 4369), marked ``marker``."""
+
+    def __init__(self, install: _Install, log: Path, marker: str) -> None:
+        self.install = install
+        self.port = free_port()
+        self.log = log
+        self.marker = marker
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, deadline: _Deadline) -> None:
+        if self.is_running():
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(self.install.epmd), "-port", str(self.port), "-address", "127.0.0.1"]
+        with open(self.log, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.install.command(argv),
+                env={**_base_env(), _MARKER: self.marker},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while _epmd_names(self.port) is None:
+            if self._proc.poll() is not None or deadline.expired:
+                raise RabbitNodeError(
+                    f"epmd on port {self.port} did not start:\n" + _tail(self.log)
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        _kill_marked(self.marker)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+        self._proc = None
+
+
+class _Stoppable(Protocol):
+    def stop(self, timeout: float = ...) -> None: ...
+
+    def _kill_everything(self) -> None: ...
+
+
+_live_nodes: set[_Stoppable] = set()  # nodes and clusters, stopped at exit
 _live_lock = threading.Lock()
 
 
@@ -294,6 +536,10 @@ class RabbitNode:
     Data (``mnesia/``) survives ``kill()`` + ``start()`` and ``restart_app()``, since the node
     name, ports and directories stay the same for the object's lifetime. All methods block,
     and all are bounded by timeouts; call them from a thread in Twisted tests.
+
+    ``version`` picks the RabbitMQ series ("3.10": the host's package; "4.0": Debian 13's, run
+    in a chroot, see the module docstring); ``base_dir`` must then not lie inside that root.
+    ``cookie`` and ``epmd`` are for :class:`RabbitCluster`, whose nodes share both.
     """
 
     def __init__(
@@ -306,8 +552,19 @@ class RabbitNode:
         start_timeout: float = 60.0,
         advanced: str = "",
         plugins: Iterable[str] = (),
+        version: str = DEFAULT_VERSION,
+        cookie: str | None = None,
+        epmd: _Epmd | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
+        self._install = _Install.find(version)
+        #: The series asked for: "3.10" or "4.0".
+        self.series = self._install.series
+        #: The package's full version, e.g. "4.0.5" (the running node's: :meth:`running_version`).
+        self.version = self._install.version
+        if self._install.root is not None and self.base_dir.is_relative_to(self._install.root):
+            raise RabbitNodeError(f"base_dir {self.base_dir} lies inside {self._install.root}")
+        self.cookie = cookie or "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
         self.config = tuple(config)
         #: Erlang terms for advanced.config, for settings rabbitmq.conf cannot express,
         #: e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}].``
@@ -320,19 +577,22 @@ class RabbitNode:
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port()
         self.ctl_port_min = _free_port_block(_CTL_PORTS)
-        self.epmd_port = free_port()
         self.start_timeout = start_timeout
-        self._server_script, self._ctl_script = find_rabbitmq_scripts()
-        self._epmd_binary = _find_epmd()
         self._tag = secrets.token_hex(8)
+        # A shared epmd (a cluster's) is neither started nor stopped by the node.
+        self._own_epmd = epmd is None
+        self._epmd = epmd or _Epmd(self._install, self.base_dir / "epmd.log", f"{self._tag}:epmd")
+        self.epmd_port = self._epmd.port
         self._server: subprocess.Popen[bytes] | None = None
-        self._epmd: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog = _Watchdog(self._tag)
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
-        return f"<RabbitNode {self.nodename} amqp=127.0.0.1:{self.amqp_port} {state}>"
+        return (
+            f"<RabbitNode {self.nodename} RabbitMQ {self.version}"
+            f" amqp=127.0.0.1:{self.amqp_port} {state}>"
+        )
 
     # -- paths and environment -------------------------------------------------------------
 
@@ -358,16 +618,7 @@ class RabbitNode:
         )
 
     def _env(self, role: str) -> dict[str, str]:
-        # Drop the caller's RabbitMQ/Erlang settings (and systemd's, which would make the
-        # script exec the VM and notify systemd) so nothing of a system node leaks in.
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("RABBITMQ_", "ERL_"))
-            and k not in {"NOTIFY_SOCKET", "CONF_ENV_FILE", "NODENAME", "HOME"}
-        }
-        if not (env.get("LC_ALL") or env.get("LANG")):
-            env["LC_ALL"] = "C.UTF-8"  # else the Erlang VM warns about latin1 file names
+        env = _base_env()
         b = self.base_dir
         loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
         env.update(
@@ -399,9 +650,9 @@ class RabbitNode:
         for sub in ("home", "mnesia", "log"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         cookie = self.home / ".erlang.cookie"
-        if not cookie.exists():
-            letters = string.ascii_uppercase
-            cookie.write_text("".join(secrets.choice(letters) for _ in range(32)))
+        if not cookie.exists() or cookie.read_text() != self.cookie:
+            cookie.unlink(missing_ok=True)
+            cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (self.base_dir / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         advanced = self.base_dir / "advanced.config"
@@ -433,13 +684,13 @@ class RabbitNode:
                 self._prepare_dirs()
                 with _live_lock:
                     _live_nodes.add(self)
-                self._ensure_watchdog()
+                self._watchdog.arm()
                 self._ensure_epmd(deadline)
                 with open(self.server_log, "ab") as log:
                     log.write(f"\n{_START_MARK} {time.strftime('%H:%M:%S')} ===\n".encode())
                     log.flush()
                     self._server = subprocess.Popen(
-                        [str(self._server_script)],
+                        self._command([str(self._install.server)]),
                         env=self._env("server"),
                         cwd=self.base_dir,
                         stdin=subprocess.DEVNULL,
@@ -487,60 +738,28 @@ class RabbitNode:
             # The VM's epmd connection closed with it, so the name is free again at once.
 
     def _kill_everything(self) -> None:
-        """Kill the server, any rabbitmqctl in flight and epmd; disarm the watchdog."""
+        """Kill the server, any rabbitmqctl in flight and our epmd; disarm the watchdog."""
         _kill_marked(f"{self._tag}:")
-        for proc in (self._server, self._epmd):
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-        self._server = self._epmd = None
-        self._disarm_watchdog()
+        if self._server is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._server.wait(timeout=5)
+        self._server = None
+        if self._own_epmd:
+            self._epmd.stop()
+        self._install.forget_binds([self.base_dir])
+        self._watchdog.disarm()
         with _live_lock:
             _live_nodes.discard(self)
 
+    def _command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as run for this node's version: in the Debian 13 root for 4.0."""
+        return self._install.command(argv, binds=[self.base_dir], cwd=self.base_dir)
+
     def _ensure_epmd(self, deadline: _Deadline) -> None:
-        if self._epmd is not None and self._epmd.poll() is None:
-            return
-        with open(self.base_dir / "epmd.log", "ab") as log:
-            self._epmd = subprocess.Popen(
-                [str(self._epmd_binary), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-                env=self._env("epmd"),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        while _epmd_names(self.epmd_port) is None:
-            if self._epmd.poll() is not None or deadline.expired:
-                raise RabbitNodeError(
-                    f"epmd on port {self.epmd_port} did not start:\n"
-                    + _tail(self.base_dir / "epmd.log")
-                )
-            time.sleep(0.02)
-
-    def _ensure_watchdog(self) -> None:
-        if self._watchdog is not None and self._watchdog.poll() is None:
-            return
-        # Its own session: a Ctrl-C in the terminal must not kill it before the node.
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), "_watchdog", self._tag],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def _disarm_watchdog(self) -> None:
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError):
-            watchdog.stdin.write(b"disarm\n")
-            watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        if self._own_epmd:
+            self._epmd.start(deadline)
+        elif not self._epmd.is_running():
+            raise RabbitNodeError(f"the shared epmd on port {self.epmd_port} is not running")
 
     def _check_alive(self) -> None:
         if self._server is None or self._server.poll() is not None:
@@ -613,11 +832,11 @@ class RabbitNode:
         """Run ``rabbitmqctl -n NODE ARGS`` with this node's environment; return stdout."""
         # rabbitmqctl starts an "epmd -daemon" on ERL_EPMD_PORT when none answers there
         # (even with -start_epmd false), so never run it without our epmd.
-        if self._epmd is None or self._epmd.poll() is not None:
+        if self._server is None or not self._epmd.is_running():
             raise RabbitNodeError(f"{self.nodename} is not started")
-        argv = [str(self._ctl_script), "-n", self.nodename, *args]
+        argv = [str(self._install.ctl), "-n", self.nodename, *args]
         proc = subprocess.Popen(
-            argv,
+            self._command(argv),
             env=self._env("ctl"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -698,6 +917,34 @@ class RabbitNode:
         """Delete a queue; its consumers get ``basic.cancel`` (ConsumerCancelled in pika)."""
         self.ctl("delete_queue", "-p", vhost, name)
 
+    def running_version(self) -> str:
+        """The RabbitMQ version the running node reports (``rabbitmqctl status``)."""
+        status = self._ctl_json("status")
+        assert isinstance(status, dict)
+        return str(status["rabbitmq_version"])
+
+    # -- clustering -------------------------------------------------------------------------
+
+    def join_cluster(self, other: RabbitNode, timeout: float = 90.0) -> None:
+        """Reset this node and join ``other``'s cluster (same cookie and epmd needed)."""
+        deadline = _Deadline(timeout)
+        self.stop_app(timeout=deadline.remaining(1))
+        self.ctl("reset", timeout=deadline.remaining(1))
+        self.ctl("join_cluster", other.nodename, timeout=deadline.remaining(1))
+        self.start_app(timeout=deadline.remaining(1))
+
+    def running_nodes(self) -> list[str]:
+        """Names of the cluster's nodes that this node sees running, itself included."""
+        status = self._ctl_json("cluster_status")
+        assert isinstance(status, dict)
+        return sorted(status["running_nodes"])
+
+    def queue_placement(self, vhost: str = "/") -> dict[str, ClusterQueue]:
+        """Queue name -> type, leader and members (replicas), as this node sees them."""
+        rows = self._ctl_json("list_queues", "-q", "-p", vhost, "name", "type", "leader", "members")
+        assert isinstance(rows, list)
+        return {r["name"]: ClusterQueue.from_row(r) for r in rows}
+
     def alarms(self) -> list[str]:
         """Resources currently in alarm, e.g. ``["memory"]``."""
         status = self._ctl_json("status")
@@ -712,6 +959,244 @@ class RabbitNode:
             if deadline.expired:
                 raise RabbitNodeError(f"memory alarm not {'on' if on else 'off'} in {timeout} s")
             time.sleep(0.1)
+
+
+class RabbitCluster:
+    """``size`` private nodes of one RabbitMQ version, joined into one cluster.
+
+    The nodes share an Erlang cookie and an epmd of the cluster's own (which outlives any one
+    node being stopped or killed); each has its own ports, node name and ``base_dir/nK``.
+    Node 0 is the seed: the others ``stop_app; reset; join_cluster`` it. ``config`` and the
+    other keywords go to every :class:`RabbitNode`. All methods block and are bounded.
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str],
+        size: int = 3,
+        *,
+        version: str = DEFAULT_VERSION,
+        config: Iterable[str] = (),
+        start_timeout: float = 120.0,
+        **node_kwargs: Any,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs a node")
+        self.base_dir = Path(base_dir).resolve()
+        self.start_timeout = start_timeout
+        self._tag = secrets.token_hex(8)
+        install = _Install.find(version)
+        self._epmd = _Epmd(install, self.base_dir / "epmd.log", f"{self._tag}:epmd")
+        self._watchdog = _Watchdog(self._tag)
+        cookie = "".join(secrets.choice(string.ascii_uppercase) for _ in range(32))
+        prefix = f"rmqc-{secrets.token_hex(3)}"
+        self.nodes = [
+            RabbitNode(
+                self.base_dir / f"n{i}",
+                config=config,
+                nodename=f"{prefix}-{i}@localhost",
+                version=version,
+                cookie=cookie,
+                epmd=self._epmd,
+                start_timeout=start_timeout,
+                **node_kwargs,
+            )
+            for i in range(size)
+        ]
+        self.version = self.nodes[0].version
+        self.series = self.nodes[0].series
+
+    def __repr__(self) -> str:
+        running = sum(n.is_running() for n in self.nodes)
+        return (
+            f"<RabbitCluster of {len(self.nodes)} RabbitMQ {self.version}"
+            f" nodes ({running} running) amqp ports {[n.amqp_port for n in self.nodes]}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, index: int) -> RabbitNode:
+        return self.nodes[index]
+
+    def __iter__(self) -> Iterator[RabbitNode]:
+        return iter(self.nodes)
+
+    def __enter__(self) -> RabbitCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def nodenames(self) -> list[str]:
+        return sorted(n.nodename for n in self.nodes)
+
+    def url(
+        self, index: int, user: str = "guest", password: str = "guest", vhost: str = "/"
+    ) -> str:
+        """The ``amqp://`` URL of node ``index``."""
+        return self.nodes[index].url(user, password, vhost)
+
+    def urls(self, user: str = "guest", password: str = "guest", vhost: str = "/") -> list[str]:
+        """Every node's ``amqp://`` URL, in node order."""
+        return [n.url(user, password, vhost) for n in self.nodes]
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> RabbitCluster:
+        """Start every node (at once, in threads), join them to node 0, wait until all run."""
+        deadline = _Deadline(timeout or self.start_timeout)
+        try:
+            with _live_lock:
+                _live_nodes.add(self)
+            self._watchdog.arm()
+            self._epmd.start(deadline)
+            self._in_parallel(lambda n: n.start(timeout=deadline.remaining(1)), self.nodes)
+            seed = self.nodes[0]
+            # One at a time: concurrent joins to one seed can trip over each other.
+            for node in self.nodes[1:]:
+                if node.nodename not in seed.running_nodes():
+                    node.join_cluster(seed, timeout=deadline.remaining(1))
+            self.wait_running(timeout=deadline.remaining(1))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._kill_everything()
+            raise
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop every node, then the cluster's epmd; leave no process behind. Idempotent."""
+        deadline = _Deadline(timeout)
+        errors: list[BaseException] = []
+        # All at once: a cluster node stopping last waits for nobody.
+        self._in_parallel(
+            lambda n: n.stop(timeout=deadline.remaining(5)), self.nodes, errors=errors
+        )
+        self._kill_everything()
+        if errors:
+            raise errors[0]
+
+    def _kill_everything(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node._kill_everything()
+        _kill_marked(f"{self._tag}:")
+        self._epmd.stop()
+        self._watchdog.disarm()
+        with _live_lock:
+            _live_nodes.discard(self)
+
+    def leftover_pids(self) -> list[int]:
+        """Pids of live processes of any node or of the cluster's epmd."""
+        pids = _pids_with_marker(f"{self._tag}:")
+        for node in self.nodes:
+            pids += node.leftover_pids()
+        return sorted(pids)
+
+    @staticmethod
+    def _in_parallel(
+        work: Callable[[RabbitNode], object],
+        nodes: Sequence[RabbitNode],
+        errors: list[BaseException] | None = None,
+    ) -> None:
+        """Run ``work`` on each node in its own thread; raise the first error (or collect)."""
+        failed: list[BaseException] = [] if errors is None else errors
+
+        def run(node: RabbitNode) -> None:
+            try:
+                work(node)
+            except BaseException as e:
+                failed.append(e)
+
+        threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()  # every node method is bounded by its own timeout
+        if failed and errors is None:
+            raise failed[0]
+
+    # -- one node at a time -----------------------------------------------------------------
+
+    def stop_node(self, index: int, timeout: float = 30.0) -> None:
+        """Stop node ``index`` gracefully (its data stays); the others go on."""
+        self.nodes[index].stop(timeout=timeout)
+
+    def start_node(self, index: int, timeout: float = 60.0) -> None:
+        """Start node ``index`` again with its data; it rejoins the cluster by itself."""
+        self.nodes[index].start(timeout=timeout)
+        self.wait_running(timeout=timeout)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node ``index`` (a crash); :meth:`start_node` brings it back."""
+        self.nodes[index].kill()
+
+    def restart_app(self, index: int, timeout: float = 60.0) -> None:
+        """``stop_app`` + ``start_app`` on node ``index``, then wait until all nodes run."""
+        deadline = _Deadline(timeout)
+        self.nodes[index].restart_app(timeout=deadline.remaining(1))
+        self.wait_running(timeout=deadline.remaining(1))
+
+    def rolling_restart(self, *, app_only: bool = True, timeout: float = 180.0) -> None:
+        """Restart the nodes one after another, each only once the cluster is whole again.
+
+        ``app_only`` restarts the RabbitMQ application (``stop_app``/``start_app``); otherwise
+        each node's VM is stopped and started.
+        """
+        deadline = _Deadline(timeout)
+        for i in range(len(self.nodes)):
+            if app_only:
+                self.restart_app(i, timeout=deadline.remaining(1))
+            else:
+                self.stop_node(i, timeout=deadline.remaining(1))
+                self.start_node(i, timeout=deadline.remaining(1))
+
+    # -- what the cluster says --------------------------------------------------------------
+
+    def running_nodes(self) -> list[str]:
+        """Cluster members running, as the first node that answers sees them."""
+        last: Exception | None = None
+        for node in self.nodes:
+            if node.is_running():
+                try:
+                    return node.running_nodes()
+                except RabbitNodeError as e:  # e.g. its app is stopped
+                    last = e
+        raise RabbitNodeError(f"no node of the cluster answers: {last}")
+
+    def wait_running(self, count: int | None = None, timeout: float = 60.0) -> list[str]:
+        """Wait until ``count`` (default: all) nodes run as seen by every running node."""
+        want = len(self.nodes) if count is None else count
+        deadline = _Deadline(timeout)
+        seen: object = None
+        while True:
+            try:
+                views = [n.running_nodes() for n in self.nodes if n.is_running()]
+                seen = views
+                if views and all(len(v) == want for v in views):
+                    return views[0]
+            except RabbitNodeError as e:
+                seen = e
+            if deadline.expired:
+                raise RabbitNodeError(f"{want} running nodes not seen within {timeout} s: {seen}")
+            time.sleep(0.2)
+
+    def list_queues(self, vhost: str = "/") -> dict[str, ClusterQueue]:
+        """Queue name -> type, leader and members, from the first node that answers."""
+        last: Exception | None = None
+        for node in self.nodes:
+            if node.is_running():
+                try:
+                    return node.queue_placement(vhost)
+                except RabbitNodeError as e:
+                    last = e
+        raise RabbitNodeError(f"no node of the cluster answers: {last}")
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -786,7 +1271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--config", action="append", metavar="LINE", help="extra rabbitmq.conf line (repeatable)"
     )
-    watchdog = sub.add_parser("_watchdog")  # internal, see RabbitNode._ensure_watchdog
+    watchdog = sub.add_parser("_watchdog")  # internal, see _Watchdog
     watchdog.add_argument("tag")
     args = parser.parse_args(argv)
     if args.command == "serve":

@@ -23,6 +23,7 @@ from waiting import poll_until
 
 from consumer_svc import _deadletters
 
+pytestmark = pytest.mark.brokers("3.10", "4.0")
 UNDECODABLE = "UndecodableBody: body of message {} ({} bytes) is not JSON: Expecting value: line 1 column 1 (char 0)"
 
 

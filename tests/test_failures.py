@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pika
+import pytest
 import pytest_twisted
 from amqp_tools import connect, get_messages, publish
 from rabbitmq import RabbitNode
@@ -18,6 +19,7 @@ from waiting import eventually
 from consumer_svc import ExitStatus, Message, Reject, Retry
 from consumer_svc._settings import Settings
 
+pytestmark = pytest.mark.brokers("3.10", "4.0")
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 
 

@@ -40,6 +40,7 @@ from consumer_svc import Message
 from consumer_svc._service import State
 from consumer_svc._settings import Settings
 
+pytestmark = pytest.mark.brokers("3.10", "4.0")
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 LOSS = ("Lost the connection", "Lost the consumer")
 TICK = "[{rabbit, [{channel_tick_interval, 500}]}]."

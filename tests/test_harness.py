@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pika
 import pika.exceptions
 import pytest
 import pytest_twisted
 from amqp_tools import connect, declare, get_all, publish, queue_counts
-from rabbitmq import CtlError, QueueStats, RabbitNode, RabbitNodeError, _port_is_free
+from rabbitmq import (
+    CtlError,
+    QueueStats,
+    RabbitCluster,
+    RabbitNode,
+    RabbitNodeError,
+    _pids_with_marker,
+    _port_is_free,
+    rabbitmq4_root,
+)
 from twisted.internet.defer import Deferred
 from waiting import Timeout, eventually, poll_until, within
 
 RabbitFactory = Callable[..., RabbitNode]
+ClusterFactory = Callable[..., RabbitCluster]
+BOTH = pytest.mark.brokers("3.10", "4.0")
 
 
 def _alive(pid: int) -> bool:
@@ -26,6 +42,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _mounts_under(path: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points at or below ``path`` in the mount namespace ``mountinfo`` describes."""
+    with open(mountinfo) as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if Path(p).is_relative_to(path)]
+
+
+def _nothing_mounted_in_the_root() -> None:
+    """No mount under the Debian 13 root is visible here, and its /proc is an empty folder."""
+    root = rabbitmq4_root()
+    assert _mounts_under(root) == []
+    assert not os.path.ismount(root / "proc")
+    assert os.listdir(root / "proc") == []
+
+
+@BOTH
+def test_a_node_runs_the_version_asked_for(rabbit: RabbitNode, rabbit_version: str) -> None:
+    """The shared node of each version runs that RabbitMQ series, and its repr says which."""
+    assert rabbit.series == rabbit_version
+    assert rabbit.version.startswith(f"{rabbit_version}.")
+    assert rabbit.running_version() == rabbit.version
+    assert f"RabbitMQ {rabbit.version} " in repr(rabbit)
+
+
+@BOTH
 def test_a_node_takes_a_publish_and_delivers_it(rabbit: RabbitNode, queue_name: str) -> None:
     """A published message comes back to a pika consumer, and the queue ends empty."""
     publish(rabbit.url(), queue_name, [b"one", b"two"])
@@ -46,6 +87,7 @@ def test_a_node_takes_a_publish_and_delivers_it(rabbit: RabbitNode, queue_name: 
     )
 
 
+@BOTH
 def test_restart_app_keeps_persistent_messages(rabbit: RabbitNode, queue_name: str) -> None:
     """A durable queue keeps its persistent messages across stop_app/start_app."""
     publish(rabbit.url(), queue_name, [b"a", b"b", b"c"])
@@ -53,6 +95,7 @@ def test_restart_app_keeps_persistent_messages(rabbit: RabbitNode, queue_name: s
     assert queue_counts(rabbit.url(), queue_name) == (3, 0)
 
 
+@BOTH
 def test_kill_and_start_keep_persistent_messages(fresh_rabbit: RabbitNode, queue_name: str) -> None:
     """After kill -9 the node refuses connections; started again, it has its messages back."""
     url = fresh_rabbit.url()
@@ -142,6 +185,7 @@ def test_ctl_errors_carry_the_command_output(rabbit: RabbitNode) -> None:
     assert "no-such-vhost" in str(failed.value)
 
 
+@BOTH
 def test_after_stop_nothing_of_the_node_remains(rabbit_factory: RabbitFactory) -> None:
     """stop() ends every process the node started and frees its ports; a second stop is a no-op."""
     node = rabbit_factory()
@@ -156,12 +200,135 @@ def test_after_stop_nothing_of_the_node_remains(rabbit_factory: RabbitFactory) -
         node.ctl("status")
 
 
+@BOTH
 def test_a_node_that_cannot_start_says_why(rabbit_factory: RabbitFactory) -> None:
     """A bad extra config line fails start() with the node's own complaint, leaving nothing."""
     node = rabbit_factory("no_such_setting = 1", start=False)
     with pytest.raises(RabbitNodeError, match="unknown variable: no_such_setting"):
         node.start(timeout=30)
     assert node.leftover_pids() == []
+
+
+def test_a_4_0_node_runs_chrooted_with_private_mounts(rabbit_factory: RabbitFactory) -> None:
+    """Every process of a 4.0 node lives in the Debian 13 root; its mounts are not ours."""
+    node = rabbit_factory(version="4.0")
+    root = rabbitmq4_root()
+    pids = node.leftover_pids()
+    assert pids
+    assert {os.readlink(f"/proc/{pid}/root") for pid in pids} == {str(root)}
+    server = node._server
+    assert server is not None
+    # Seen from inside the chroot, so paths are relative to the root.
+    theirs = _mounts_under(Path("/"), f"/proc/{server.pid}/mountinfo")
+    assert "/proc" in theirs
+    assert str(node.base_dir) in theirs
+    assert os.readlink(f"/proc/{server.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    _nothing_mounted_in_the_root()
+    node.stop()
+    assert node.leftover_pids() == []
+    assert [p for p in pids if _alive(p)] == []
+    _nothing_mounted_in_the_root()
+    assert not (root / node.base_dir.relative_to("/")).exists()  # its mount point went too
+
+
+_OWNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from rabbitmq import RabbitNode
+node = RabbitNode(sys.argv[2], version="4.0").start()
+print(node._tag, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_sigkilled_owner_leaves_no_4_0_process_or_mount(tmp_path: Path) -> None:
+    """When the process owning a 4.0 node is SIGKILLed, the watchdog ends it and no mount stays."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(Path(__file__).parent), str(tmp_path / "node")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        tag = owner.stdout.readline().strip()  # the node started (or the owner died: "")
+        assert tag, "the owner did not start its node"
+        pids = _pids_with_marker(f"{tag}:")
+        assert len(pids) >= 4
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=10)
+    poll_until(lambda: _pids_with_marker(f"{tag}:") == [], 30, message="the watchdog's cleanup")
+    assert [p for p in pids if _alive(p)] == []
+    _nothing_mounted_in_the_root()
+
+
+@BOTH
+def test_a_cluster_forms_and_keeps_a_quorum_queue_through_a_kill_9(
+    rabbit_cluster: RabbitCluster, rabbit_version: str, queue_name: str
+) -> None:
+    """Three nodes see each other; a quorum queue gets three members and outlives kill -9."""
+    assert rabbit_cluster.version.startswith(f"{rabbit_version}.")
+    assert len({n.amqp_port for n in rabbit_cluster}) == 3
+    for node in rabbit_cluster:
+        assert node.running_nodes() == rabbit_cluster.nodenames
+    quorum = {"x-queue-type": "quorum"}
+    publish(rabbit_cluster.url(0), queue_name, [b"one", b"two"], queue_arguments=quorum)
+    placed = poll_until(
+        lambda: (q := rabbit_cluster.list_queues().get(queue_name)) and len(q.members) == 3 and q,
+        30,
+        message="three members",
+    )
+    assert placed.type == "quorum"
+    assert placed.members == tuple(rabbit_cluster.nodenames)
+    assert placed.leader in placed.members
+
+    # Kill the leader, so that the queue has to elect another one.
+    victim = [n.nodename for n in rabbit_cluster].index(placed.leader)
+    rabbit_cluster.kill_node(victim)
+    other = (victim + 1) % 3
+    assert rabbit_cluster.wait_running(2, timeout=30) == sorted(
+        n.nodename for i, n in enumerate(rabbit_cluster) if i != victim
+    )
+
+    def publish_through_other() -> bool:
+        try:
+            publish(rabbit_cluster.url(other), queue_name, [b"three"], queue_arguments=quorum)
+        except (pika.exceptions.AMQPError, OSError):  # no leader yet
+            return False
+        return True
+
+    poll_until(publish_through_other, 60, interval=0.5, message="a publish without the leader")
+    moved = rabbit_cluster.list_queues()[queue_name]
+    assert moved.leader not in (None, placed.leader)
+    assert get_all(rabbit_cluster.url(other), queue_name) == [b"one", b"two", b"three"]
+
+    rabbit_cluster.start_node(victim)
+    assert rabbit_cluster.running_nodes() == rabbit_cluster.nodenames
+
+
+@BOTH
+def test_a_rolling_restart_keeps_the_cluster_and_its_messages(
+    cluster_factory: ClusterFactory, queue_name: str
+) -> None:
+    """After a rolling restart all nodes run, the quorum queue kept its message, nothing stays."""
+    cluster = cluster_factory()
+    publish(cluster.url(2), queue_name, [b"kept"], queue_arguments={"x-queue-type": "quorum"})
+    cluster.rolling_restart()
+    assert cluster.running_nodes() == cluster.nodenames
+    cluster.stop_node(0)
+    cluster.start_node(0)
+    poll_until(
+        lambda: len(cluster.list_queues()[queue_name].members) == 3, 30, message="three members"
+    )
+    assert get_all(cluster.url(0), queue_name) == [b"kept"]
+    pids = cluster.leftover_pids()
+    assert len(pids) >= 3 * 4 + 1  # each node's script, VM and helpers, and the shared epmd
+    cluster.stop()
+    assert cluster.leftover_pids() == []
+    assert [p for p in pids if _alive(p)] == []
+    assert all(_port_is_free(n.amqp_port) for n in cluster)
+    assert _port_is_free(cluster[0].epmd_port)
+    _nothing_mounted_in_the_root()
 
 
 @pytest_twisted.ensureDeferred

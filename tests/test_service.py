@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 import pytest_twisted
 from rabbitmq import RabbitNode
 from service_support import (
@@ -31,6 +32,8 @@ import consumer_svc
 from consumer_svc import ExitStatus, Message
 from consumer_svc._service import State
 from consumer_svc._settings import parse_url
+
+pytestmark = pytest.mark.brokers("3.10", "4.0")
 
 # -- consuming
 
