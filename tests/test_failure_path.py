@@ -25,6 +25,8 @@ from consumer_svc._settings import Settings
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 
+pytestmark = pytest.mark.brokers("3.10", "4.0")
+
 
 def publish_as(url: str, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
     """One confirmed publish with the given properties, to the default exchange."""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hostile
+import pytest
 import pytest_twisted
 from rabbitmq import RabbitNode
 from service_support import Running, queue_settles, settings_for
@@ -18,6 +19,8 @@ from consumer_svc._codec import LATEST, MAX_DEPTH, TooDeep
 from consumer_svc._settings import Settings
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
+
+pytestmark = pytest.mark.brokers("3.10", "4.0")
 
 HOSTILE: dict[bytes, dict[Any, Any]] = {
     b"far-future": {"at": hostile.timestamp(2**63)},
