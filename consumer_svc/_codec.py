@@ -153,6 +153,7 @@ def decode_table(encoded: bytes, offset: int) -> tuple[dict[str, Any], int]:
         if end > len(encoded):
             raise  # not even the frame is whole: nothing to skip to
         why = str(e) if isinstance(e, _Malformed) else f"{type(e).__name__}: {e}"
+        why = " ".join(why.split())  # one line, whatever the exception said
         return UndecodableHeaders(f"field table of {size} bytes not decoded: {why}"), end
 
 

@@ -54,8 +54,13 @@ class Message:
 
     @property
     def headers(self) -> dict[str, Any]:
-        """The application headers (an empty dict when the message has none)."""
-        return self.properties.headers or {}
+        """The application headers (an empty dict when the message has none).
+
+        Headers that could not be decoded are an empty `UndecodableHeaders`
+        (from ``consumer_svc._codec``) whose ``error`` says why.
+        """
+        headers = self.properties.headers
+        return {} if headers is None else headers
 
     def json(self) -> Any:
         """The body decoded as JSON; raises `UndecodableBody` when it is not JSON."""

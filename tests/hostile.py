@@ -27,9 +27,12 @@ API
     ``user_id``, ``delivery_mode`` ...). Raises pika's ``UnroutableError``
     when no queue takes it, ``NackError`` on a nack, and
     ``ConnectionClosedByBroker`` (541 INTERNAL_ERROR) when RabbitMQ refuses
-    the headers: it closes the whole connection, the `Publisher` is then
-    spent. A ``user_id`` other than the connection's user makes RabbitMQ
-    close the channel (406 PRECONDITION_FAILED).
+    the headers (a NaN or infinite float, type 'U', an unknown type): it
+    closes the whole connection. A ``user_id`` other than the connection's
+    user makes it close the channel (``ChannelClosedByBroker``, 406
+    PRECONDITION_FAILED). Either way the `Publisher` is spent. ``CC`` and
+    ``BCC`` headers (arrays of queue names) route copies to those queues too;
+    the broker delivers ``CC`` and strips ``BCC``.
 ``Publisher.declare(queue, **arguments)``
     Declare a durable queue.
 ``publish(url, routing_key, body=b"", **kwargs)``

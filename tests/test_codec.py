@@ -15,7 +15,7 @@ from hostile import Float32, Raw, integer, nested, timestamp
 from pika import exceptions as pika_errors
 from pika import frame, spec
 
-from consumer_svc import _codec
+from consumer_svc import Message, _codec
 from consumer_svc._codec import (
     LATEST,
     MAX_DEPTH,
@@ -206,6 +206,32 @@ def test_an_undecodable_table_leaves_the_other_properties_intact(table: bytes, w
     assert properties.content_type == "application/json"
     assert properties.delivery_mode == 2
     assert properties.message_id == "msg-7"
+
+
+def test_the_handler_sees_undecodable_headers_as_such() -> None:
+    """Message.headers hands an UndecodableHeaders through (not a plain empty dict), error and all."""
+    headers = UndecodableHeaders("field table of 3 bytes not decoded: unknown field type b'Z'")
+    message = Message(
+        b"",
+        spec.BasicProperties(headers=headers),
+        delivery_tag=1,
+        routing_key="q",
+        exchange="",
+        redelivered=False,
+    )
+    assert message.headers is headers
+    assert message.headers.error.startswith("field table of 3 bytes")
+    assert (
+        Message(
+            b"",
+            spec.BasicProperties(),
+            delivery_tag=2,
+            routing_key="q",
+            exchange="",
+            redelivered=False,
+        ).headers
+        == {}
+    )
 
 
 @pytest.mark.usefixtures("installed")
