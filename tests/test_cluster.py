@@ -23,7 +23,7 @@ from service_support import Running, settings_for
 from twisted.internet.threads import deferToThread
 from waiting import eventually
 
-from consumer_svc import Message, Reject
+from consumer_svc import Message, Reject, Retry
 from consumer_svc._settings import Settings, parse_url
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
@@ -105,7 +105,7 @@ class Ledger:
         if number % 10 == 3:
             raise Reject("parked on purpose")
         if number % 10 == 7 and self.attempts[body] == 1:
-            raise RuntimeError("fails once, retried through a retry queue")
+            raise Retry("fails once, retried through a retry queue", delay=1)
         self.succeeded.add(body)
 
     def handled_since(self, since: float) -> int:
@@ -134,6 +134,7 @@ def instance_settings(cluster: RabbitCluster, queue: str, first: int) -> Setting
     )
 
 
+@pytest.mark.timeout(600)
 @pytest_twisted.ensureDeferred
 async def test_two_instances_lose_nothing_and_never_stop_while_nodes_crash_stop_and_restart(
     rabbit_cluster: RabbitCluster, queue_name: str, services: Services
@@ -170,6 +171,7 @@ async def test_two_instances_lose_nothing_and_never_stop_while_nodes_crash_stop_
             )
             await deferToThread(up)
             gaps[what] = ledger.longest_gap(since, time.monotonic())
+            print(f"\n{what}: back after {time.monotonic() - since:.1f} s", flush=True)
 
         cluster = rabbit_cluster
         await while_down(

@@ -253,12 +253,14 @@ async def test_the_documented_permissions_suffice_to_retry_and_park(
         user,
         rf"^{q}(\.dead|\.retry\.[0-9]+s)?$",
         r"^amq\.default$",
-        f"^{q}$",
+        rf"^{q}(\.retry\.[0-9]+s)?$",
     )
     calls: list[int] = []
+    retries: list[object] = []
 
     def fails_then_rejects(message: Message) -> None:
         calls.append(1)
+        retries.append(message.headers.get("consumer-svc-retries"))
         if len(calls) == 1:
             raise RuntimeError("transient")
         raise Reject("permanent")
@@ -269,5 +271,46 @@ async def test_the_documented_permissions_suffice_to_retry_and_park(
     await run.consuming()
     await send(rabbit, queue_name, [b"job"], declare=False)
     await ready(rabbit, f"{queue_name}.dead", 1)
-    assert len(calls) == 2
+    # The second attempt came back through the retry queue, not as a hand-back.
+    assert retries == [None, 1]
     assert run.exits == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_the_broker_refuses_neither_reconnect_nor_hold_back_the_rest(
+    rabbit: RabbitNode, queue_name: str, services: Services, logs: Logs
+) -> None:
+    """No write permission for copies: each refused copy closes only the publishing channel, the message waits in its queue, good ones flow."""
+    user = f"{queue_name}-nowrite"
+    await deferToThread(rabbit.add_user, user, "pw")
+    # Its queues exist and it may read, but write nowhere: every copy is refused (403).
+    await deferToThread(rabbit.set_permissions, "/", user, "^$", "^$", ".*")
+    await deferToThread(declare, rabbit.url(), queue_name)
+    await deferToThread(declare, rabbit.url(), f"{queue_name}.dead")
+    for delay in (1, 2, 5, 10, 20):
+        name, arguments = retry_queue(queue_name, delay)
+        await deferToThread(declare, rabbit.url(), name, arguments=arguments)
+    good: list[bytes] = []
+
+    def handler(message: Message) -> None:
+        if message.body == b"bad":
+            raise RuntimeError("always fails")
+        good.append(message.body)
+
+    run = services(
+        settings_for(rabbit.url(user, "pw"), queue_name, prefetch=5, declare=False), handler
+    )
+    await run.consuming()
+    await send(rabbit, queue_name, [b"bad", *(b"good-%d" % i for i in range(20))], declare=False)
+    await eventually(lambda: len(good) == 20, timeout=30, what="every good message handled")
+    # The bad one was refused at least twice (in full, then bare) and handed back, not lost.
+    await eventually(
+        lambda: sum("refused the copy of message" in line for line in logs.lines()) >= 2,
+        timeout=20,
+        what="the refusals logged",
+    )
+    assert run.exits == []
+    exposition = run.service.metrics.render().decode()
+    assert "consumer_connections_total 1.0" in exposition
+    stats = (await deferToThread(rabbit.list_queues))[queue_name]
+    assert stats.messages_ready + stats.messages_unacknowledged == 1
