@@ -128,9 +128,11 @@ def test_list_tallies_the_failures_and_takes_nothing_away(
         "the first 2:",
         "  1. ValueError: bad payload",
         "     attempts 6, failed at 2026-11-23T08:01:00Z, from exchange 'orders' routing key 'order.created', message id 'm0'",
+        "     headers: tenant='acme'",
         '     body (12 bytes): {"order": 0}',
         "  2. " + UNDECODABLE.format(2, 72),
         "     attempts 6, failed at 2026-11-23T08:01:01Z, from exchange 'orders' routing key 'order.created', message id 'm1'",
+        "     headers: tenant='acme'",
         "     body (72 bytes): \\xff\\x00 not json " + "z" * 48 + "...",
     ]
     settles_at(rabbit, dlq, (6, 0))
@@ -304,7 +306,7 @@ def test_an_unreachable_broker_exits_69(tmp_path: Path) -> None:
             ("--queue", "q", "list", "--limit", "many"),
             "--limit must be a whole number of at least 1",
         ),
-        (("list",), "the following arguments are required: --queue"),
+        (("list",), "no queue given: use --queue NAME, CONSUMER_QUEUE, or queue = NAME"),
     ],
 )
 def test_bad_arguments_exit_64_in_one_line(
