@@ -22,8 +22,9 @@ from rabbitmq import RabbitNode
 
 RabbitFactory = Callable[..., RabbitNode]
 
-# Fixtures for running the service in-process (logs, services, figures) and as twistd.
-pytest_plugins = ["service_support", "twistd_support"]
+# Fixtures for running the service in-process (logs, services, figures) and as twistd,
+# and a TLS broker node (tls_broker, one per test module that uses it).
+pytest_plugins = ["service_support", "twistd_support", "certs"]
 
 
 @pytest.fixture(scope="session")
