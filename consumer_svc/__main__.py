@@ -37,13 +37,14 @@ def parser() -> argparse.ArgumentParser:
         description=(
             "List (list) or replay (replay) the messages the service parked in the\n"
             "dead-letter queue: <queue>.dead unless --dead-letter-queue names another.\n\n"
-            "exit statuses: 0 done, 64 bad arguments or URL, 66 no such queue,\n"
+            "exit statuses: 0 done, 64 bad arguments, URL or TLS file, 66 no such queue,\n"
             "69 broker unreachable or lost, 77 access refused"
         ),
         epilog=(
             "examples:\n"
             "  python -m consumer_svc dead-letters --queue task_queue list\n"
-            "  python -m consumer_svc dead-letters --queue task_queue replay --count 10"
+            "  python -m consumer_svc dead-letters --queue task_queue replay --count 10\n"
+            "  python -m consumer_svc dead-letters --config tap.conf list"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

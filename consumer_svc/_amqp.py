@@ -152,7 +152,7 @@ def connection_parameters(
     with EXTERNAL: the broker takes the user from the certificate.
     """
     credentials: Any = pika.PlainCredentials(url.username, url.password)
-    if url.tls and client_certificate and not url.has_credentials:
+    if url.external_login(client_certificate):
         credentials = pika.credentials.ExternalCredentials()
     return pika.ConnectionParameters(
         virtual_host=url.vhost,

@@ -2,8 +2,12 @@
 
 ``python -m consumer_svc dead-letters --queue NAME list`` tallies the failures without
 taking anything away; ``... replay [--count N]`` moves messages back to the work queue,
-each one confirmed there before it leaves the dead-letter queue. A short-lived command,
-so it uses pika's ``BlockingConnection``: no reactor is installed or needed.
+each one confirmed there before it leaves the dead-letter queue, stripped by the copy
+rules of `_copies`. It finds the broker as the service does (`resolve_connection`: the
+command line, ``CONSUMER_*``, ``AMQP_URL``, ``--url-file``, ``--config``, TLS files).
+Everything a publisher wrote is untrusted: what is printed of it is escaped, and a
+message that cannot be decoded is counted and passed over, never a crash. A short-lived
+command, so it uses pika's ``BlockingConnection``: no reactor is installed or needed.
 """
 
 from __future__ import annotations
@@ -14,19 +18,22 @@ import os
 import re
 import socket
 import ssl
+import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import pika
+import pika.credentials
 import pika.exceptions
+from pika import spec
 from pika.adapters.utils import connection_workflow
 
-from ._copies import PREFIX
+from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
-from ._settings import DEFAULT_URL, BrokerURL, parse_url, redact
+from ._settings import BY_NAME, DEFAULT_URL, BrokerURL, Connection, redact, resolve_connection
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).
 NO_INPUT = 66  # EX_NOINPUT: the dead-letter queue (or the work queue) does not exist
@@ -34,6 +41,11 @@ UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker cannot be reached, or went away
 
 #: Bytes of a body shown in a summary.
 PREVIEW_BYTES = 60
+#: Characters of a header's text value, and of one header, shown in a summary.
+VALUE_CHARS = 60
+HEADER_CHARS = 100
+#: Headers shown in a summary; the rest are counted.
+HEADER_ITEMS = 10
 #: Failure reasons listed by `list`; the rest are counted in one line.
 REASON_LINES = 20
 #: Every wait of the connection is bounded (connect, handshake, a blocked publish).
@@ -54,11 +66,74 @@ class CommandFailed(Exception):
         self.status = status
 
 
-# -- pure parts: reasons, headers, previews
+# -- pure parts: reasons, headers, previews, escapes
 
 
-def reason_of(headers: Mapping[str, Any] | None) -> str:
-    """The failure a parked message carries, without the service's "(gave up after N attempts)"."""
+def escape(value: str | bytes) -> str:
+    """``value`` as text that cannot act on a terminal: controls and bytes shown as escapes.
+
+    Every character that is not printable (C0 and C1 controls such as ESC, CR and
+    BEL, bidi overrides and other format characters, line separators) becomes a
+    Python-style escape, bytes that are not UTF-8 become ``\\xNN``, and a backslash
+    is doubled, so that the escapes cannot be confused with the text.
+    """
+    text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+    return "".join(_escape_character(c) for c in text)
+
+
+def _escape_character(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    if c.isprintable():
+        return c
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if c in "\t\n\r":
+        return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}[c]
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def quoted(value: Any, limit: int = 0) -> str:
+    """A text or bytes value escaped and in single quotes; cut after ``limit`` characters if set."""
+    text = escape(_text(value)).replace("'", "\\'")
+    if limit and len(text) > limit:
+        text = text[:limit] + "..."
+    return f"'{text}'"
+
+
+def show_value(value: Any) -> str:
+    """A header value as one escaped line: texts quoted, tables and arrays written out."""
+    if isinstance(value, (str, bytes)):
+        return quoted(value, VALUE_CHARS)
+    if isinstance(value, Mapping):
+        return (
+            "{" + ", ".join(f"{escape(_text(k))}={show_value(v)}" for k, v in value.items()) + "}"
+        )
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show_value(item) for item in value) + "]"
+    return escape(str(value))
+
+
+def show_headers(headers: Mapping[Any, Any]) -> str:
+    """The headers as one escaped line (at most `HEADER_ITEMS`, each cut at `HEADER_CHARS`)."""
+    items = list(headers.items())
+    shown = []
+    for key, value in items[:HEADER_ITEMS]:
+        item = f"{escape(_text(key))}={show_value(value)}"
+        shown.append(item if len(item) <= HEADER_CHARS else item[:HEADER_CHARS] + "...")
+    if len(items) > HEADER_ITEMS:
+        shown.append(f"... and {len(items) - HEADER_ITEMS} more")
+    return ", ".join(shown)
+
+
+def reason_of(headers: Mapping[Any, Any] | None) -> str:
+    """The failure a parked message carries, without the service's "(gave up after N attempts)".
+
+    Raw text, as the publisher wrote it: escape it before printing.
+    """
     value = _text((headers or {}).get(FAILURE))
     if not value:
         return "(no consumer-svc-failure header)"
@@ -90,40 +165,168 @@ def _common(members: list[str]) -> str:
     return "".join(parts)
 
 
-def clean_headers(headers: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The headers without any ``consumer-svc-*`` one: a replayed message starts afresh."""
-    kept = {key: value for key, value in (headers or {}).items() if not key.startswith(PREFIX)}
-    return kept or None
+def replay_copy(properties: spec.BasicProperties, *, username: str | None) -> Any:
+    """The properties a replayed copy carries, by the copy rules of `_copies`.
+
+    Our ``consumer-svc-*`` headers go (the message starts afresh); so do ``CC``/``BCC``
+    and the broker's death headers, and ``user_id`` unless it names ``username`` (the
+    user the tool logged in as; None when unknown, as with EXTERNAL). The copy is
+    persistent, and ``consumer-svc-stripped`` names what was taken off.
+    """
+    kept, stripped = safe_headers(without_ours(properties.headers or {}))
+    result, taken = copy_properties(properties, kept, username=username)
+    result.headers = note_stripped(result.headers or {}, stripped + taken) or None
+    return result
 
 
 def preview(body: bytes, limit: int = PREVIEW_BYTES) -> str:
     """The first ``limit`` bytes of ``body`` as printable text (escapes for the rest)."""
-    text = body[:limit].decode("utf-8", "backslashreplace")
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-    return text + ("..." if len(body) > limit else "")
+    return escape(body[:limit]) + ("..." if len(body) > limit else "")
 
 
 def _text(value: Any) -> str:
+    """A header or property as text; bytes that are not UTF-8 kept for `escape` to show."""
     if value is None:
         return ""
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        return value.decode("utf-8", "surrogateescape")
     return str(value)
+
+
+# -- reading what pika cannot decode
+
+
+class TolerantProperties(spec.BasicProperties):
+    """``BasicProperties`` whose decoding never raises: what cannot be decoded is left out.
+
+    pika's frame decoder raises on some headers the broker accepts (a timestamp past
+    year 9999, tables nested ~1000 deep), and the exception ends the connection, so
+    one such message would stop every ``basic.get`` after it. Decoded this way, the
+    message arrives without its headers (or without any properties), and
+    `unreadable` says why. (consumer_svc/_codec.py is to bring a decoder that keeps
+    what it can; this one only keeps the tool going.)
+    """
+
+    #: Why the headers or properties were left out; None when all was decoded.
+    unreadable: str | None = None
+
+    def decode(self, encoded: bytes, offset: int = 0) -> TolerantProperties:
+        try:
+            super().decode(encoded, offset)
+            return self
+        except Exception as e:  # whatever pika's decoder raises, the message stays readable
+            why = f"{type(e).__name__}: {e}"
+        spec.BasicProperties.__init__(self)
+        try:
+            super().decode(_without_headers(encoded, offset))
+            self.unreadable = f"its headers cannot be decoded ({why})"
+        except Exception:  # not the headers' fault: keep no property at all
+            spec.BasicProperties.__init__(self)
+            self.unreadable = f"its properties cannot be decoded ({why})"
+        return self
+
+
+def _without_headers(encoded: bytes, offset: int) -> bytes:
+    """Encoded properties with the headers table cut out (raises if there is none)."""
+    flags = struct.unpack_from(">H", encoded, offset)[0]
+    if not flags & spec.BasicProperties.FLAG_HEADERS:
+        raise ValueError("no headers to leave out")
+    position = offset + 2
+    while struct.unpack_from(">H", encoded, position - 2)[0] & 1:  # more flag words follow
+        position += 2
+    for flag in (
+        spec.BasicProperties.FLAG_CONTENT_TYPE,
+        spec.BasicProperties.FLAG_CONTENT_ENCODING,
+    ):
+        if flags & flag:
+            position += 1 + encoded[position]  # a short string
+    table_end = position + 4 + struct.unpack_from(">I", encoded, position)[0]
+    if table_end > len(encoded):
+        raise ValueError("the headers table runs past the frame")
+    head = struct.pack(">H", flags & ~spec.BasicProperties.FLAG_HEADERS)
+    return head + encoded[offset + 2 : position] + encoded[table_end:]
+
+
+@contextlib.contextmanager
+def tolerant_decoding() -> Iterator[None]:
+    """Meanwhile, pika decodes message properties as `TolerantProperties` (in this process)."""
+    index = spec.BasicProperties.INDEX
+    before = spec.props[index]
+    spec.props[index] = TolerantProperties
+    try:
+        yield
+    finally:
+        spec.props[index] = before
+
+
+def unreadable(properties: Any) -> str | None:
+    """Why a message's properties could not (all) be decoded; None if they were."""
+    return getattr(properties, "unreadable", None)
 
 
 # -- talking to the broker
 
 
-def connection_parameters(url: BrokerURL) -> pika.ConnectionParameters:
-    """Parameters for ``url`` with every wait bounded, named in the broker's connection list."""
+def tls_context(connection: Connection) -> ssl.SSLContext:
+    """TLS as the service does it: the chain verified against --tls-ca (else the system's
+    trust store) and the host name; with --tls-cert and --tls-key, a client certificate.
+
+    Every file is loaded here, before connecting: a bad one is a `ConfigurationError`
+    naming it.
+    """
+    try:
+        context = ssl.create_default_context(cafile=connection.tls_ca)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigurationError(
+            f"--tls-ca {connection.tls_ca!r} holds no usable CA certificate (PEM): {_ssl_text(e)}"
+        ) from None
+    cert, key = connection.tls_cert, connection.tls_key
+    if cert and key:
+        try:
+            with open(cert, encoding="ascii", errors="replace") as f:
+                ssl.PEM_cert_to_DER_cert(f.read())
+        except (ValueError, OSError) as e:
+            raise ConfigurationError(
+                f"--tls-cert {cert!r} holds no certificate (PEM): {_ssl_text(e)}"
+            ) from None
+        try:
+            # No password prompt: an encrypted key fails here, as it does for the service.
+            context.load_cert_chain(cert, key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigurationError(
+                f"--tls-key {key!r} is not a usable private key for --tls-cert {cert!r}: "
+                f"{_ssl_text(e)}"
+            ) from None
+    return context
+
+
+def _ssl_text(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def connection_parameters(
+    url: BrokerURL, tls: ssl.SSLContext | None = None, *, client_certificate: bool = False
+) -> pika.ConnectionParameters:
+    """Parameters for ``url`` with every wait bounded, named in the broker's connection list.
+
+    An amqps:// URL without credentials, with a client certificate, logs in with
+    EXTERNAL (the broker takes the user from the certificate), as the service does.
+    """
     ssl_options = None
     if url.tls:
-        ssl_options = pika.SSLOptions(ssl.create_default_context(), server_hostname=url.host)
+        ssl_options = pika.SSLOptions(tls or ssl.create_default_context(), server_hostname=url.host)
+    credentials: Any = pika.PlainCredentials(url.username, url.password)
+    if url.external_login(client_certificate):
+        credentials = pika.credentials.ExternalCredentials()
     return pika.ConnectionParameters(
         host=url.host,
         port=url.port,
         virtual_host=url.vhost,
-        credentials=pika.PlainCredentials(url.username, url.password),
+        credentials=credentials,
         ssl_options=ssl_options,
         connection_attempts=1,
         socket_timeout=CONNECT_TIMEOUT,
@@ -133,18 +336,27 @@ def connection_parameters(url: BrokerURL) -> pika.ConnectionParameters:
     )
 
 
-def connect(urls: list[BrokerURL]) -> pika.BlockingConnection:
-    """Connect to the first of ``urls`` that answers; fail with the last one's reason."""
+def connect(
+    urls: tuple[BrokerURL, ...] | list[BrokerURL],
+    tls: ssl.SSLContext | None = None,
+    *,
+    client_certificate: bool = False,
+) -> tuple[pika.BlockingConnection, BrokerURL]:
+    """Connect to the first of ``urls`` that answers; fail with the last one's reason.
+
+    Returns the connection and the URL it went to.
+    """
     failure = CommandFailed(UNAVAILABLE, "no broker URL given")
     for url in urls:
         try:
-            return pika.BlockingConnection(connection_parameters(url))
+            parameters = connection_parameters(url, tls, client_certificate=client_certificate)
+            return pika.BlockingConnection(parameters), url
         except (
             pika.exceptions.AMQPError,
             connection_workflow.AMQPConnectorException,
             OSError,
         ) as e:
-            failure = _connect_failure(e, url)
+            failure = _connect_failure(e, url, url.external_login(client_certificate))
             if failure.status == ExitStatus.ACCESS_REFUSED:
                 break  # another node of the cluster would refuse the same credentials
     raise failure
@@ -157,9 +369,10 @@ def _broker_text(error: BaseException) -> str:
     return f"{match.group(2)}" if match else text
 
 
-def _connect_failure(error: BaseException, url: BrokerURL) -> CommandFailed:
+def _connect_failure(error: BaseException, url: BrokerURL, external: bool) -> CommandFailed:
     where = f"{url.host}:{url.port}"
-    who = f"user {url.username!r}, vhost {url.vhost!r}, {where}"
+    user = "the client certificate's user (EXTERNAL)" if external else f"user {url.username!r}"
+    who = f"{user}, vhost {url.vhost!r}, {where}"
     if isinstance(
         error, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.AuthenticationError)
     ):
@@ -247,27 +460,39 @@ class Parked:
     """What `list` shows of one parked message."""
 
     body: bytes
-    headers: Mapping[str, Any]
-    message_id: str | None
+    headers: Mapping[Any, Any]
+    message_id: Any
+    #: Why its headers or properties could not be decoded, if so.
+    unreadable: str | None = None
+
+    @property
+    def reason(self) -> str:
+        """Its failure, raw: the one the service noted, or why it cannot be read."""
+        if self.unreadable:
+            return f"(cannot be read: {self.unreadable})"
+        return reason_of(self.headers)
 
     def describe(self) -> list[str]:
+        """Escaped lines: the reason, where it came from, the other headers, the body."""
         h = self.headers
-        origin = (
-            f"from exchange {_text(h.get(ORIGINAL_EXCHANGE))!r}"
-            f" routing key {_text(h.get(ORIGINAL_ROUTING_KEY))!r}"
-        )
-        details = [
-            f"attempts {_text(h.get(ATTEMPTS)) or '?'}",
-            f"failed at {_text(h.get(FAILED_AT)) or '?'}",
-            origin,
-        ]
+        details = []
+        if not self.unreadable:
+            details = [
+                f"attempts {escape(_text(h.get(ATTEMPTS))) or '?'}",
+                f"failed at {escape(_text(h.get(FAILED_AT))) or '?'}",
+                f"from exchange {quoted(h.get(ORIGINAL_EXCHANGE))}"
+                f" routing key {quoted(h.get(ORIGINAL_ROUTING_KEY))}",
+            ]
         if self.message_id:
-            details.append(f"message id {self.message_id!r}")
-        return [
-            reason_of(h),
-            ", ".join(details),
-            f"body ({len(self.body)} bytes): {preview(self.body)}",
-        ]
+            details.append(f"message id {quoted(self.message_id, VALUE_CHARS)}")
+        lines = [escape(self.reason)]
+        if details:
+            lines.append(", ".join(details))
+        others = without_ours(h)
+        if others:
+            lines.append(f"headers: {show_headers(others)}")
+        lines.append(f"body ({len(self.body)} bytes): {preview(self.body)}")
+        return lines
 
 
 @dataclass
@@ -277,10 +502,13 @@ class Inventory:
     queue: str
     #: Ready messages when we started, by a passive declare.
     ready: int
+    #: Each message's reason, raw (escaped when printed).
     reasons: list[str] = field(default_factory=list)
     first: list[Parked] = field(default_factory=list)
     #: Whether the queue held more than the limit.
     more: bool = False
+    #: Messages whose headers or properties could not be decoded.
+    unreadable: int = 0
 
     def lines(self) -> list[str]:
         seen = len(self.reasons)
@@ -289,13 +517,15 @@ class Inventory:
             head = f"{self.queue}: {total} message(s), more than --limit: tallied the first {seen}"
         else:
             head = f"{self.queue}: {seen} message(s)"
-        out = [head]
+        if self.unreadable:
+            head += f", {self.unreadable} cannot be read"
+        out = [escape(head)]
         if not seen:
             return out
         rows = tally(self.reasons)
         width = len(str(rows[0][0]))
         out.append("failures, most common first:")
-        out.extend(f"  {count:>{width}}  {reason}" for count, reason in rows[:REASON_LINES])
+        out.extend(f"  {count:>{width}}  {escape(reason)}" for count, reason in rows[:REASON_LINES])
         if len(rows) > REASON_LINES:
             rest = rows[REASON_LINES:]
             out.append(
@@ -317,23 +547,28 @@ def inventory(
     """Look at up to ``limit`` messages of ``queue`` without taking any away.
 
     Each is fetched with ``basic.get`` and never acked; the caller closes the
-    connection, and the broker puts them all back, in their order.
+    connection, and the broker puts them all back, in their order. A message
+    whose properties cannot be decoded is counted as such, and the look goes on.
     """
     result = Inventory(queue, ready=_check_queue(connection, queue, "dead-letter queue"))
     channel = connection.channel()
     try:
-        # One more than the limit tells whether the queue holds more.
-        while len(result.reasons) <= limit:
-            method, properties, body = channel.basic_get(queue, auto_ack=False)
-            if method is None:
-                break
-            if len(result.reasons) == limit:
-                result.more = True
-                break
-            headers = properties.headers or {}
-            result.reasons.append(reason_of(headers))
-            if len(result.first) < show:
-                result.first.append(Parked(body, headers, properties.message_id))
+        with tolerant_decoding():
+            # One more than the limit tells whether the queue holds more.
+            while len(result.reasons) <= limit:
+                method, properties, body = channel.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                if len(result.reasons) == limit:
+                    result.more = True
+                    break
+                parked = Parked(
+                    body, properties.headers or {}, properties.message_id, unreadable(properties)
+                )
+                result.unreadable += parked.unreadable is not None
+                result.reasons.append(parked.reason)
+                if len(result.first) < show:
+                    result.first.append(parked)
     except pika.exceptions.AMQPError as e:
         raise _broker_failure(e, f"reading {queue!r} failed") from None
     return result
@@ -342,88 +577,164 @@ def inventory(
 # -- replay
 
 
+@dataclass
+class Progress:
+    """How far a replay got."""
+
+    moved: int = 0
+    #: One line for each message left parked because it cannot be read or copied.
+    left: list[str] = field(default_factory=list)
+
+    @property
+    def looked_at(self) -> int:
+        return self.moved + len(self.left)
+
+    def summary(self, dead_letter_queue: str, queue: str) -> str:
+        line = f"replayed {self.moved} message(s) from {dead_letter_queue} to {queue}"
+        if self.left:
+            line += f"; left {len(self.left)} parked that cannot be replayed"
+        return escape(line)
+
+
 class ReplayStopped(CommandFailed):
     """Replaying stopped on a failure after ``moved`` messages; the current one stays parked."""
 
-    def __init__(self, status: int, message: str, moved: int) -> None:
+    def __init__(self, status: int, message: str, progress: Progress) -> None:
         super().__init__(status, message)
-        self.moved = moved
+        self.progress = progress
+
+    @property
+    def moved(self) -> int:
+        return self.progress.moved
 
 
 def replay(
-    connection: pika.BlockingConnection, dead_letter_queue: str, queue: str, *, count: int | None
-) -> int:
-    """Move up to ``count`` (all when None) messages to ``queue``; return how many moved.
+    connection: pika.BlockingConnection,
+    dead_letter_queue: str,
+    queue: str,
+    *,
+    count: int | None,
+    username: str | None = None,
+) -> Progress:
+    """Move the first ``count`` (all when None) messages to ``queue``; say how it went.
 
-    One at a time: get (not acked), publish the cleaned copy to the default exchange
-    with ``mandatory`` and a confirm, and only then ack the dead-letter copy. On a
-    failure this raises `ReplayStopped`; the unacked message goes back to the
-    dead-letter queue when the connection closes.
+    One at a time: get (not acked), publish the copy (`replay_copy`) to the default
+    exchange with ``mandatory`` and a confirm, and only then ack the dead-letter copy.
+    A message that cannot be decoded (or whose copy cannot be encoded) is left
+    parked, with a line in `Progress.left`, and the replay goes on: its headers are
+    unknown, so a copy could neither be stripped of ``CC``/``BCC`` nor keep the rest.
+    It stays unacked until the connection closes (a nack would put it back at the
+    head, to be fetched again), then the broker puts it back. On a failure this
+    raises `ReplayStopped`; the unacked message goes back the same way.
     """
     channel = connection.channel()
     channel.confirm_delivery()
-    moved = 0
-    while count is None or moved < count:
-        what = f"replaying message {moved + 1} of {dead_letter_queue!r} failed"
-        published = False
-        try:
-            method, properties, body = channel.basic_get(dead_letter_queue, auto_ack=False)
-            if method is None:
+    progress = Progress()
+    with tolerant_decoding():
+        while count is None or progress.looked_at < count:
+            if not _replay_one(channel, dead_letter_queue, queue, username, progress):
                 break
-            properties.headers = clean_headers(properties.headers)
-            # With confirms on, this waits for the broker's answer and raises unless it took the copy.
-            channel.basic_publish("", queue, body, properties, mandatory=True)
-            published = True
-            channel.basic_ack(method.delivery_tag)
-        except pika.exceptions.UnroutableError:
-            raise ReplayStopped(
-                NO_INPUT,
-                f"{what}: the broker returned it, no queue {queue!r} to route it to; "
-                "it stays parked",
-                moved,
-            ) from None
-        except pika.exceptions.NackError:
-            raise ReplayStopped(
-                UNAVAILABLE, f"{what}: the broker refused the copy (nack); it stays parked", moved
-            ) from None
-        except pika.exceptions.AMQPError as e:
-            failure = _broker_failure(e, what)
-            fate = (
-                f"its copy is in {queue!r} and it stays parked too: a duplicate if replayed again"
-                if published
-                else "it stays parked"
+    return progress
+
+
+def _replay_one(
+    channel: Any, dead_letter_queue: str, queue: str, username: str | None, progress: Progress
+) -> bool:
+    """Replay the next message, or leave it parked; False when there is none."""
+    position = progress.looked_at + 1
+    what = f"replaying message {position} of {dead_letter_queue!r} failed"
+    published = False
+    try:
+        method, properties, body = channel.basic_get(dead_letter_queue, auto_ack=False)
+        if method is None:
+            return False
+        why = unreadable(properties)
+        copy = None
+        if why is None:
+            try:
+                copy = replay_copy(properties, username=username)
+                copy.encode()  # what pika cannot encode fails here, before anything is sent
+            except Exception as e:  # any encoder error: this message cannot be copied
+                why = f"its copy cannot be encoded ({type(e).__name__}: {e})"
+        if copy is None or why is not None:
+            named = f" (message id {quoted(properties.message_id, VALUE_CHARS)})"
+            progress.left.append(
+                f"message {position}{named if properties.message_id else ''} stays parked: "
+                + escape(why or "")
             )
-            raise ReplayStopped(failure.status, f"{failure}; {fate}", moved) from None
-        moved += 1
-    return moved
+            return True
+        # With confirms on, this waits for the broker's answer and raises unless it took the copy.
+        channel.basic_publish("", queue, body, copy, mandatory=True)
+        published = True
+        channel.basic_ack(method.delivery_tag)
+    except pika.exceptions.UnroutableError:
+        raise ReplayStopped(
+            NO_INPUT,
+            f"{what}: the broker returned it, no queue {queue!r} to route it to; it stays parked",
+            progress,
+        ) from None
+    except pika.exceptions.NackError:
+        raise ReplayStopped(
+            UNAVAILABLE, f"{what}: the broker refused the copy (nack); it stays parked", progress
+        ) from None
+    except pika.exceptions.AMQPError as e:
+        failure = _broker_failure(e, what)
+        fate = (
+            f"its copy is in {queue!r} and it stays parked too: a duplicate if replayed again"
+            if published
+            else "it stays parked"
+        )
+        raise ReplayStopped(failure.status, f"{failure}; {fate}", progress) from None
+    progress.moved += 1
+    return True
 
 
 # -- the command
 
 
+def _option_help(name: str) -> str:
+    """The service's help for ``name`` (one source), escaped for argparse's % formatting."""
+    return BY_NAME[name].help.replace("%", "%%")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``dead-letters`` options and its ``list`` and ``replay`` commands."""
     parser.add_argument(
-        "--queue", required=True, metavar="NAME", type=_name("--queue"), help="the work queue"
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="the service's INI file: its [consumer] section may set url, url-file, queue, "
+        "dead-letter-queue and tls-* (default: $CONSUMER_CONFIG)",
+    )
+    parser.add_argument(
+        "--queue",
+        metavar="NAME",
+        help="the work queue (required here, as $CONSUMER_QUEUE or in --config)",
     )
     parser.add_argument(
         "--url",
+        action="append",
+        metavar="URL",
         # argparse formats help with %: the %2F of the default URL needs escaping.
-        help="the broker; several separated by commas for a cluster (default: $AMQP_URL, else "
-        f"{DEFAULT_URL.replace('%', '%%')}); prefer $AMQP_URL, as --url shows in ps",
+        help="the broker; repeat it, or separate URLs by commas, for a cluster (default: "
+        f"$CONSUMER_URL, $AMQP_URL, else {DEFAULT_URL.replace('%', '%%')}); prefer "
+        "--url-file or the environment, as --url shows in ps",
     )
+    parser.add_argument("--url-file", metavar="FILE", help=_option_help("url-file"))
     parser.add_argument(
         "--dead-letter-queue",
         metavar="NAME",
-        type=_name("--dead-letter-queue"),
         help="the dead-letter queue (default: <queue>.dead)",
     )
+    for name in ("tls-ca", "tls-cert", "tls-key"):
+        parser.add_argument(f"--{name}", metavar="FILE", help=_option_help(name))
     commands = parser.add_subparsers(dest="action", required=True, metavar="{list,replay}")
     listing = commands.add_parser(
         "list",
         help="count the parked messages and tally why they failed; takes nothing away",
         description="Count the parked messages, tally their failures (most common first) and "
-        "summarise the first few. Messages are read without an ack and all go back to the "
+        "summarise the first few, every text escaped. A message that cannot be decoded is "
+        "counted as such. Messages are read without an ack and all go back to the "
         "queue, in order, when the command ends.",
     )
     listing.add_argument(
@@ -444,16 +755,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "replay",
         help="move parked messages back to the work queue, each confirmed before it is removed",
         description="Publish parked messages back to the work queue (default exchange, "
-        "routing key = the queue), without their consumer-svc-* headers so they get every "
-        "retry again. Each copy is confirmed by the broker before the parked message is "
-        "removed; on any failure the command stops and that message stays parked.",
+        "routing key = the queue), persistent, without their consumer-svc-* headers so they "
+        "get every retry again, and without CC/BCC, x-death and the like, or a user_id other "
+        "than the tool's own user (consumer-svc-stripped names what was taken off). Each "
+        "copy is confirmed by the broker before the parked message is removed; on any "
+        "failure the command stops and that message stays parked. A message that cannot "
+        "be decoded stays parked, with a line saying why, and the replay goes on.",
     )
     replaying.add_argument(
         "--count",
         type=_whole("--count", 1),
         metavar="N",
-        help="replay only the first N messages (default: all)",
+        help="replay only the first N messages, counting those left parked (default: all)",
     )
+
+
+def connection_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Connection:
+    """The connection options of a parsed command, resolved as the service resolves them."""
+    urls = None
+    if args.url is not None:
+        urls = [part for value in args.url for part in value.split(",") if part.strip()]
+        if not urls:
+            raise ConfigurationError("--url is empty")
+    given = {
+        "url": urls,
+        "url-file": args.url_file,
+        "queue": args.queue,
+        "dead-letter-queue": args.dead_letter_queue,
+        "tls-ca": args.tls_ca,
+        "tls-cert": args.tls_cert,
+        "tls-key": args.tls_key,
+    }
+    return resolve_connection(given, environ, args.config)
 
 
 def run(
@@ -468,48 +801,53 @@ def run(
     err = err or sys.stderr
     prefix = "consumer_svc dead-letters"
     try:
-        raw = args.url or environ.get("AMQP_URL") or DEFAULT_URL
-        urls = [parse_url(part) for part in raw.split(",") if part.strip()]
-        if not urls:
-            raise ConfigurationError("--url is empty")
-        dead_letter_queue = args.dead_letter_queue or f"{args.queue}.dead"
-        if dead_letter_queue == args.queue:
-            raise ConfigurationError("--dead-letter-queue must not be the queue itself")
+        settings = connection_settings(args, environ)
+        tls = None
+        if any(url.tls for url in settings.urls) or settings.tls_ca or settings.tls_cert:
+            tls = tls_context(settings)
     except ConfigurationError as e:
-        print(f"{prefix}: error: {e}", file=err)
+        print(f"{prefix}: error: {redact(escape(str(e)))}", file=err)
         return int(ExitStatus.CONFIG)
+    dead_letter_queue, queue = settings.dead_letter_queue, settings.queue
+    client_certificate = bool(settings.tls_cert)
 
     connection: pika.BlockingConnection | None = None
     try:
-        connection = connect(urls)
+        connection, url = connect(settings.urls, tls, client_certificate=client_certificate)
         if args.action == "list":
             seen = inventory(connection, dead_letter_queue, limit=args.limit, show=args.show)
             print("\n".join(seen.lines()), file=out)
         else:
             _check_queue(connection, dead_letter_queue, "dead-letter queue")
-            _check_queue(connection, args.queue, "work queue")
-            moved = replay(connection, dead_letter_queue, args.queue, count=args.count)
-            _close_after_acks(connection, args.queue, moved)
-            print(f"replayed {moved} message(s) from {dead_letter_queue} to {args.queue}", file=out)
+            _check_queue(connection, queue, "work queue")
+            # With EXTERNAL the broker names the user from the certificate: not known here.
+            username = None if url.external_login(client_certificate) else url.username
+            progress = replay(
+                connection, dead_letter_queue, queue, count=args.count, username=username
+            )
+            _close_after_acks(connection, queue, progress)
+            for line in progress.left:
+                print(line, file=out)
+            print(progress.summary(dead_letter_queue, queue), file=out)
     except pika.exceptions.AMQPError as e:  # a lost connection between the steps above
         out.flush()
         failure = _broker_failure(e, f"{args.action} failed")
-        print(f"{prefix}: error: {redact(str(failure))}", file=err)
+        print(f"{prefix}: error: {redact(escape(str(failure)))}", file=err)
         return failure.status
     except CommandFailed as e:
         if isinstance(e, ReplayStopped):
-            print(
-                f"replayed {e.moved} message(s) from {dead_letter_queue} to {args.queue}", file=out
-            )
+            for line in e.progress.left:
+                print(line, file=out)
+            print(e.progress.summary(dead_letter_queue, queue), file=out)
         out.flush()
-        print(f"{prefix}: error: {redact(str(e))}", file=err)
+        print(f"{prefix}: error: {redact(escape(str(e)))}", file=err)
         return e.status
     finally:
         _close(connection)
     return int(ExitStatus.OK)
 
 
-def _close_after_acks(connection: pika.BlockingConnection, queue: str, moved: int) -> None:
+def _close_after_acks(connection: pika.BlockingConnection, queue: str, progress: Progress) -> None:
     """Close, and so know that the broker took every ack: it answers the close after them."""
     try:
         connection.close()
@@ -518,7 +856,7 @@ def _close_after_acks(connection: pika.BlockingConnection, queue: str, moved: in
             UNAVAILABLE,
             f"the connection failed while closing ({e!r}): the broker may have missed the last "
             f"ack(s), so the last message(s) replayed to {queue!r} may still be parked too",
-            moved,
+            progress,
         ) from None
 
 
@@ -528,15 +866,6 @@ def _close(connection: pika.BlockingConnection | None) -> None:
         # A failed close is fine: a lost connection's unacked messages are requeued just the same.
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):
             connection.close()
-
-
-def _name(option: str) -> Any:
-    def convert(raw: str) -> str:
-        if not raw.strip():
-            raise argparse.ArgumentTypeError(f"{option} must not be empty")
-        return raw.strip()
-
-    return convert
 
 
 def _whole(option: str, low: int) -> Any:

@@ -34,6 +34,10 @@ class BrokerURL:
     def tls(self) -> bool:
         return self.scheme == "amqps"
 
+    def external_login(self, client_certificate: bool) -> bool:
+        """Whether to log in with EXTERNAL: amqps://, a client certificate, no credentials here."""
+        return self.tls and client_certificate and not self.has_credentials
+
     def __str__(self) -> str:
         auth = f"{quote(self.username, safe='')}:***@" if self.password else ""
         if not self.password and self.username:
@@ -369,18 +373,46 @@ def _split_list(raw: str) -> list[str]:
     return [item.strip() for item in re.split(r"[\n,]", raw) if item.strip()]
 
 
-def resolve(
-    command_line: Mapping[str, Any], environ: Mapping[str, str], config_path: str | None
-) -> Settings:
-    """Merge the sources, highest first: command line, environment, config file, defaults.
+#: The options that say where the broker and the queues are, and how to reach them:
+#: all that a tool working beside the service (``python -m consumer_svc dead-letters``) needs.
+CONNECTION_OPTIONS: tuple[str, ...] = (
+    "url",
+    "url-file",
+    "queue",
+    "dead-letter-queue",
+    "tls-ca",
+    "tls-cert",
+    "tls-key",
+)
 
-    ``command_line`` maps option names to the raw strings given (lists for
-    repeatable options, True for flags); absent or None means not given.
-    """
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the broker and the queues are, and the TLS files to reach it with; validated."""
+
+    #: Every broker URL, in the order to try them.
+    urls: tuple[BrokerURL, ...]
+    queue: str
+    dead_letter_queue: str
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def _config_values(config_path: str | None, environ: Mapping[str, str]) -> dict[str, str]:
     path = config_path or environ.get("CONSUMER_CONFIG") or None
-    from_file = read_config_file(path) if path else {}
+    return read_config_file(path) if path else {}
+
+
+def _gather(
+    options: tuple[Option, ...],
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str],
+    from_file: Mapping[str, str],
+) -> dict[str, Any]:
+    """Each option's converted value from the first source that gives it, by attribute name."""
     values: dict[str, Any] = {}
-    for option in OPTIONS:
+    for option in options:
         raw: Any = command_line.get(option.name)
         if option.repeatable and not raw:
             raw = None
@@ -401,7 +433,11 @@ def resolve(
             values[option.attribute] = True
             continue
         values[option.attribute] = option.convert(raw, option.name)
+    return values
 
+
+def _connection(values: dict[str, Any], command_line: Mapping[str, Any]) -> Connection:
+    """Take the connection options out of ``values`` and check them together."""
     url_file = values.pop("url_file", None)
     raw_urls: list[str] = values.pop("url", None) or []
     if url_file and command_line.get("url"):
@@ -420,6 +456,40 @@ def resolve(
         raise ConfigurationError(
             "no queue given: use --queue NAME, CONSUMER_QUEUE, or queue = NAME in the config file"
         )
+    dead_letter_queue = values.pop("dead_letter_queue", None) or f"{queue}.dead"
+    if dead_letter_queue == queue:
+        raise ConfigurationError("--dead-letter-queue must not be the queue itself")
+    tls = {name: values.pop(name, None) for name in ("tls_ca", "tls_cert", "tls_key")}
+    if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
+        raise ConfigurationError("--tls-cert and --tls-key go together")
+    return Connection(urls=urls, queue=queue, dead_letter_queue=dead_letter_queue, **tls)
+
+
+def resolve_connection(
+    command_line: Mapping[str, Any], environ: Mapping[str, str], config_path: str | None
+) -> Connection:
+    """The connection options alone, merged and checked exactly as `resolve` does.
+
+    The other options are not read, so a value that only the service uses
+    (say ``CONSUMER_PREFETCH``) cannot stop a tool; the config file's keys are
+    still checked, as it is the service's file.
+    """
+    from_file = _config_values(config_path, environ)
+    options = tuple(BY_NAME[name] for name in CONNECTION_OPTIONS)
+    return _connection(_gather(options, command_line, environ, from_file), command_line)
+
+
+def resolve(
+    command_line: Mapping[str, Any], environ: Mapping[str, str], config_path: str | None
+) -> Settings:
+    """Merge the sources, highest first: command line, environment, config file, defaults.
+
+    ``command_line`` maps option names to the raw strings given (lists for
+    repeatable options, True for flags); absent or None means not given.
+    """
+    values = _gather(OPTIONS, command_line, environ, _config_values(config_path, environ))
+    connection = _connection(values, command_line)
+    queue = connection.queue
     exchange_type = values.pop("exchange_type")
     if exchange_type not in EXCHANGE_TYPES:
         raise ConfigurationError(
@@ -433,18 +503,16 @@ def resolve(
     no_declare = values.pop("no_declare", False)
     if no_declare and (values.get("exchange") or values.get("queue_arg")):
         raise ConfigurationError("--no-declare cannot be combined with --exchange or --queue-arg")
-    if not values.get("dead_letter_queue"):
-        values["dead_letter_queue"] = f"{queue}.dead"
-    if values["dead_letter_queue"] == queue:
-        raise ConfigurationError("--dead-letter-queue must not be the queue itself")
-    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
-        raise ConfigurationError("--tls-cert and --tls-key go together")
     if values["reconnect_max"] < values["reconnect_initial"]:
         raise ConfigurationError("--reconnect-max must not be below --reconnect-initial")
     return Settings(
-        url=urls[0],
-        urls=urls,
+        url=connection.urls[0],
+        urls=connection.urls,
         queue=queue,
+        dead_letter_queue=connection.dead_letter_queue,
+        tls_ca=connection.tls_ca,
+        tls_cert=connection.tls_cert,
+        tls_key=connection.tls_key,
         queue_arguments=values.pop("queue_arg", {}),
         exchange_type=exchange_type,
         routing_keys=routing_keys,

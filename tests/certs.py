@@ -1,15 +1,19 @@
-"""A throwaway certificate authority for TLS tests: a CA, server and client certificates (PEM files)."""
+"""A throwaway certificate authority for TLS tests (a CA, server and client certificates, PEM
+files) and a broker node with a TLS listener (the ``tls_broker`` fixture, a plugin of conftest)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rabbitmq import RabbitNode, free_port
 
 
 def _name(common_name: str) -> x509.Name:
@@ -95,3 +99,41 @@ class CA:
         cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         _write_key(key, key_path)
         return cert_path, key_path
+
+
+class TLSBroker:
+    def __init__(self, node: RabbitNode, port: int, ca: CA, client: tuple[Path, Path]) -> None:
+        self.node, self.port, self.ca, self.client = node, port, ca, client
+
+    def url(self, host: str = "localhost", credentials: str = "guest:guest@") -> str:
+        return f"amqps://{credentials}{host}:{self.port}/%2F"
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A node with a TLS listener (certificate for localhost), EXTERNAL auth, and a user named like the client certificate."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca = CA(directory)
+    server_cert, server_key = ca.issue("server", "localhost", hosts=("localhost",))
+    client = ca.issue("client", "consumer-client", client=True)
+    port = free_port()
+    node = RabbitNode(
+        tmp_path_factory.mktemp("rabbit-tls"),
+        config=[
+            f"listeners.ssl.default = 127.0.0.1:{port}",
+            f"ssl_options.cacertfile = {ca.path}",
+            f"ssl_options.certfile = {server_cert}",
+            f"ssl_options.keyfile = {server_key}",
+            "ssl_options.verify = verify_peer",
+            "ssl_options.fail_if_no_peer_cert = false",
+            "auth_mechanisms.1 = PLAIN",
+            "auth_mechanisms.2 = EXTERNAL",
+            "ssl_cert_login_from = common_name",
+        ],
+        plugins=["rabbitmq_auth_mechanism_ssl"],
+    )
+    node.start()
+    node.add_user("consumer-client", "unused-password")
+    node.set_permissions("/", "consumer-client")
+    yield TLSBroker(node, port, ca, client)
+    node.stop()

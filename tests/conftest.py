@@ -34,8 +34,9 @@ BROKER_FIXTURES = frozenset(
     | {"rabbit_version"}
 )
 
-# Fixtures for running the service in-process (logs, services, figures) and as twistd.
-pytest_plugins = ["service_support", "twistd_support"]
+# Fixtures for running the service in-process (logs, services, figures) and as twistd,
+# and a TLS broker node (tls_broker, one per test module that uses it).
+pytest_plugins = ["service_support", "twistd_support", "certs"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -1,23 +1,28 @@
 """`python -m consumer_svc dead-letters`: `list` takes nothing away, `replay` moves messages safely.
 
 The dead-letter queue is filled the way the service fills it: copies of the original
-messages with the ``consumer-svc-*`` headers added. The command runs as a subprocess
-from an empty directory, so it is the installed package that runs.
+messages with the ``consumer-svc-*`` headers added, and also as a hostile publisher
+would (terminal escapes, keys that are not UTF-8, CC and x-death, headers pika cannot
+decode). The command runs as a subprocess from an empty directory, so it is the
+installed package that runs; it finds the broker as the service does (TLS, --url-file,
+the environment, --config).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import amqp_tools
 import pika
 import pytest
 from amqp_tools import connect, get_messages
+from certs import CA, TLSBroker
 from rabbitmq import RabbitNode, free_port
 from waiting import poll_until
 
@@ -52,8 +57,14 @@ def parked(queue: str, number: int, reason: str) -> tuple[bytes, pika.BasicPrope
     return body, properties
 
 
+class HasURL(Protocol):
+    """A broker node, or anything else that gives its URL."""
+
+    def url(self) -> str: ...
+
+
 def park(
-    node: RabbitNode, queue: str, reasons: list[str], arguments: dict[str, Any] | None = None
+    node: HasURL, queue: str, reasons: list[str], arguments: dict[str, Any] | None = None
 ) -> list[bytes]:
     """Declare ``queue`` and fill ``<queue>.dead`` with one confirmed copy per reason; return the bodies."""
     connection = connect(node.url())
@@ -129,9 +140,11 @@ def test_list_tallies_the_failures_and_takes_nothing_away(
         "the first 2:",
         "  1. ValueError: bad payload",
         "     attempts 6, failed at 2026-11-23T08:01:00Z, from exchange 'orders' routing key 'order.created', message id 'm0'",
+        "     headers: tenant='acme'",
         '     body (12 bytes): {"order": 0}',
         "  2. " + UNDECODABLE.format(2, 72),
         "     attempts 6, failed at 2026-11-23T08:01:01Z, from exchange 'orders' routing key 'order.created', message id 'm1'",
+        "     headers: tenant='acme'",
         "     body (72 bytes): \\xff\\x00 not json " + "z" * 48 + "...",
     ]
     settles_at(rabbit, dlq, (6, 0))
@@ -305,7 +318,7 @@ def test_an_unreachable_broker_exits_69(tmp_path: Path) -> None:
             ("--queue", "q", "list", "--limit", "many"),
             "--limit must be a whole number of at least 1",
         ),
-        (("list",), "the following arguments are required: --queue"),
+        (("list",), "no queue given: use --queue NAME, CONSUMER_QUEUE, or queue = NAME"),
     ],
 )
 def test_bad_arguments_exit_64_in_one_line(
@@ -336,3 +349,424 @@ def test_the_command_line_installs_no_reactor(tmp_path: Path) -> None:
     )  # fmt: skip
 
     assert result.stdout == "[]\n"
+
+
+# -- finding the broker as the service does: TLS, --url-file, AMQP_URL, --config
+
+
+def tool(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command with only ``env`` added to a clean environment (no AMQP_*, CONSUMER_*)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "consumer_svc", "dead-letters", *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**clean, **(env or {})},
+        check=False,
+    )  # fmt: skip
+
+
+def test_list_over_tls_verifies_the_broker_with_tls_ca(
+    tls_broker: TLSBroker, queue_name: str, tmp_path: Path
+) -> None:
+    """Over amqps:// with --tls-ca (a CA no system trusts), `list` verifies the broker and reads the queue."""
+    park(tls_broker.node, queue_name, ["ValueError: bad payload"])
+
+    result = tool(
+        tmp_path,
+        *("--url", tls_broker.url(), "--tls-ca", str(tls_broker.ca.path)),
+        *("--queue", queue_name, "list", "--show", "0"),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{queue_name}.dead: 1 message(s)"
+
+
+def test_a_broker_certificate_from_an_untrusted_ca_is_refused(
+    tls_broker: TLSBroker, tmp_path: Path
+) -> None:
+    """Without the test CA in --tls-ca, the broker's certificate fails verification: exit 69 saying why."""
+    other = CA(tmp_path, name="another CA")
+
+    result = tool(
+        tmp_path, "--url", tls_broker.url(), "--tls-ca", str(other.path), "--queue", "q", "list"
+    )
+
+    assert result.returncode == 69
+    assert result.stderr.startswith(
+        f"consumer_svc dead-letters: error: cannot reach localhost:{tls_broker.port}: TLS failed"
+    )
+    assert "certificate verify failed" in result.stderr
+
+
+def test_mutual_tls_without_credentials_logs_in_with_external(
+    tls_broker: TLSBroker, queue_name: str, tmp_path: Path
+) -> None:
+    """A URL without credentials plus --tls-cert/--tls-key (from CONSUMER_*) logs in as the certificate's user, in a vhost that guest may not enter."""
+    vhost = f"certificate-only-{queue_name[-6:]}"
+    tls_broker.node.add_vhost(vhost)
+    tls_broker.node.set_permissions(vhost, "consumer-client")
+    tls_broker.node.set_permissions(vhost, "guest")  # to park; then taken away again
+    park_url = tls_broker.node.url(vhost=vhost)
+    park(RabbitAt(park_url), queue_name, ["ValueError: bad payload"] * 2)
+    tls_broker.node.ctl("clear_permissions", "-p", vhost, "guest")
+    cert, key = tls_broker.client
+
+    result = tool(
+        tmp_path,
+        *("--url", tls_broker.url(credentials="").replace("%2F", vhost), "--queue", queue_name),
+        "list",
+        env={
+            "CONSUMER_TLS_CA": str(tls_broker.ca.path),
+            "CONSUMER_TLS_CERT": str(cert),
+            "CONSUMER_TLS_KEY": str(key),
+        },
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{queue_name}.dead: 2 message(s)"
+
+
+class RabbitAt:
+    """Enough of a `RabbitNode` for `park`: a node known by one URL."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def url(self) -> str:
+        return self._url
+
+
+@pytest.mark.parametrize(
+    ("option", "content", "error"),
+    [
+        ("--tls-ca", None, "--tls-ca {path!r} cannot be read: No such file or directory"),
+        ("--tls-ca", "not a certificate\n", "--tls-ca {path!r} holds no usable CA certificate"),
+        ("--tls-cert", "not a certificate\n", "--tls-cert {path!r} holds no certificate (PEM)"),
+        ("--tls-key", "not a key\n", "--tls-key {path!r} is not a usable private key"),
+    ],
+)
+def test_a_bad_tls_file_exits_64_naming_it(
+    tmp_path: Path, option: str, content: str | None, error: str
+) -> None:
+    """A missing or unusable TLS file is refused at start, before connecting: exit 64, one line naming the file."""
+    ca = CA(tmp_path)
+    cert, key = ca.issue("client", "consumer-client", client=True)
+    files = {"--tls-ca": ca.path, "--tls-cert": cert, "--tls-key": key}
+    bad = tmp_path / f"bad{option}.pem"
+    if content is not None:
+        bad.write_text(content)
+    files[option] = bad
+    port = free_port()  # nothing listens: a connection attempt would exit 69, not 64
+    tls_args = [part for name, path in files.items() for part in (name, str(path))]
+
+    result = tool(
+        tmp_path, "--url", f"amqps://localhost:{port}/", *tls_args, "--queue", "q", "list"
+    )
+
+    assert result.returncode == 64, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert error.format(path=str(bad)) in result.stderr
+
+
+def test_url_file_names_the_broker_and_its_password_stays_unprinted(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """--url-file gives the broker URL (with a password) from a file, as for the service."""
+    rabbit.add_user(f"reader-{queue_name[-6:]}", "Fi1e-Passw0rd")
+    rabbit.set_permissions("/", f"reader-{queue_name[-6:]}")
+    park(rabbit, queue_name, ["ValueError: bad payload"])
+    url_file = tmp_path / "url"
+    url_file.write_text(
+        f"# the broker\n{rabbit.url(f'reader-{queue_name[-6:]}', 'Fi1e-Passw0rd')}\n"
+    )
+
+    result = tool(tmp_path, "--url-file", str(url_file), "--queue", queue_name, "list")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{dlq}: 1 message(s)"
+    assert "Fi1e-Passw0rd" not in result.stdout + result.stderr
+
+
+def test_amqp_url_and_consumer_queue_come_from_the_environment(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """With no --url and no --queue, $AMQP_URL names the broker and $CONSUMER_QUEUE the queue."""
+    park(rabbit, queue_name, ["ValueError: bad payload"] * 3)
+
+    result = tool(tmp_path, "list", env={"AMQP_URL": rabbit.url(), "CONSUMER_QUEUE": queue_name})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"{dlq}: 3 message(s)"
+
+
+def test_the_config_file_gives_url_queue_and_dead_letter_queue(
+    rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    """--config reads the service's [consumer] section (service-only keys too): url, queue and dead-letter-queue."""
+    parked_in = f"{queue_name}.parked"
+    connection = connect(rabbit.url())
+    try:
+        channel = connection.channel()
+        channel.queue_declare(parked_in, durable=True)
+        channel.basic_publish("", parked_in, b"x", parked(queue_name, 0, "Reject: no")[1])
+    finally:
+        connection.close()
+    config = tmp_path / "tap.conf"
+    config.write_text(
+        f"[consumer]\nurl = {rabbit.url()}\nqueue = {queue_name}\n"
+        f"dead-letter-queue = {parked_in}\nprefetch = 7\n"
+    )
+    try:
+        result = tool(tmp_path, "--config", str(config), "list", "--show", "0")
+    finally:
+        amqp_tools.delete(rabbit.url(), parked_in)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{parked_in}: 1 message(s)",
+        "failures, most common first:",
+        "  1  Reject: no",
+    ]
+
+
+def test_the_command_line_beats_the_environment_which_beats_the_config_file(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """The service's precedence: --url over $AMQP_URL over the config file's url (a dead port below each winner)."""
+    park(rabbit, queue_name, ["ValueError: bad payload"])
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    config = tmp_path / "tap.conf"
+    config.write_text(f"[consumer]\nurl = {dead}\nqueue = {queue_name}\n")
+
+    environment_wins = tool(
+        tmp_path, "--config", str(config), "list", env={"AMQP_URL": rabbit.url()}
+    )
+    command_line_wins = tool(
+        tmp_path, "--config", str(config), "--url", rabbit.url(), "list", env={"AMQP_URL": dead}
+    )
+    file_alone = tool(tmp_path, "--config", str(config), "list")
+
+    assert environment_wins.returncode == 0, environment_wins.stderr
+    assert command_line_wins.returncode == 0, command_line_wins.stderr
+    assert file_alone.returncode == 69
+    assert "connection refused" in file_alone.stderr
+
+
+# -- untrusted text, escaped; messages pika cannot decode
+
+
+def test_escape_shows_every_control_and_undecodable_byte() -> None:
+    """ESC, CR, BEL, a C1 control, a bidi override, a backslash and bytes that are not UTF-8 all become escapes."""
+    hostile = "\x1b]0;owned\x07\x1b[2J\r\x9b31m\u202eevil\u2066\\ ok é"
+
+    assert _deadletters.escape(hostile) == (
+        "\\x1b]0;owned\\x07\\x1b[2J\\r\\x9b31m\\u202eevil\\u2066\\\\ ok é"
+    )
+    assert _deadletters.escape(b"\xff\xfekey\xc3\xa9") == "\\xff\\xfekeyé"
+
+
+def test_list_escapes_hostile_headers_and_a_non_utf8_key(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """Terminal escapes in the reason, headers, message id and body, and a key that is not UTF-8, reach stdout as escapes, never raw."""
+    amqp_tools.declare(rabbit.url(), dlq)
+    headers: dict[Any, Any] = {
+        "consumer-svc-failure": "ValueError: \x1b[2J\x1b]0;owned\x07 \u202egnp.exe",
+        "consumer-svc-attempts": 6,
+        "consumer-svc-original-exchange": "orders\r\x1b[1A",
+        b"\xff\xfekey": b"\xc3\x28\x1b[31m",
+        "note": "\x9b6n\u2067",
+    }
+    properties = pika.BasicProperties(headers=headers, message_id="m\x1b[5m")
+    amqp_tools_publish(rabbit.url(), dlq, b"\x1b[?1049h body", properties)
+
+    result = tool(tmp_path, "--url", rabbit.url(), "--queue", queue_name, "list")
+
+    assert result.returncode == 0, result.stderr
+    # Not splitlines(): it would split on a raw CR or U+2028 and hide them.
+    assert all(c.isprintable() or c == "\n" for c in result.stdout)
+    lines = result.stdout.splitlines()
+    assert lines[2] == "  1  ValueError: \\x1b[2J\\x1b]0;owned\\x07 \\u202egnp.exe"
+    assert lines[5] == (
+        "     attempts 6, failed at ?, from exchange 'orders\\r\\x1b[1A' routing key '',"
+        " message id 'm\\x1b[5m'"
+    )
+    assert lines[6] == "     headers: \\xff\\xfekey='\\xc3(\\x1b[31m', note='\\x9b6n\\u2067'"
+    assert lines[7] == "     body (13 bytes): \\x1b[?1049h body"
+
+
+def test_replay_keeps_a_non_utf8_header_key(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """A header key and value that are not UTF-8 neither crash `replay` nor get lost: the copy carries them."""
+    park(rabbit, queue_name, [])
+    properties = pika.BasicProperties(headers={b"\xff\xfekey": b"\xc3\x28", "tenant": "acme"})
+    amqp_tools_publish(rabbit.url(), dlq, b"bytes", properties)
+
+    result = tool(tmp_path, "--url", rabbit.url(), "--queue", queue_name, "replay")
+
+    assert result.returncode == 0, result.stderr
+    [copy] = get_messages(rabbit.url(), queue_name)
+    assert copy.properties.headers == {b"\xff\xfekey": b"\xc3\x28", "tenant": "acme"}
+
+
+def amqp_tools_publish(url: str, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
+    """Publish one message with ``properties`` as given, confirmed."""
+    connection = connect(url)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", queue, body, properties, mandatory=True)
+    finally:
+        connection.close()
+
+
+class RawProperties(pika.BasicProperties):  # type: ignore[misc]
+    """Properties sent as the given bytes: headers RabbitMQ takes and pika cannot decode."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+    def encode(self) -> list[bytes]:
+        return [self.encoded]
+
+
+#: A 'T' timestamp in year 10000: Python's datetime, and so pika's decoder, cannot hold it.
+PAST_9999 = struct.pack(">Q", 253_402_300_800 + 86_400)
+
+
+def undecodable_properties(message_id: bytes) -> RawProperties:
+    """Properties with a message id and a headers table pika's decoder raises on."""
+    entry = b"\x04when" + b"T" + PAST_9999
+    flags = pika.BasicProperties.FLAG_HEADERS | pika.BasicProperties.FLAG_MESSAGE_ID
+    return RawProperties(
+        struct.pack(">HI", flags, len(entry)) + entry + bytes([len(message_id)]) + message_id
+    )
+
+
+def park_with_an_undecodable_one(node: RabbitNode, queue: str) -> None:
+    """Park a good message, one pika cannot decode (message id 'bad-1'), and another good one."""
+    park(node, queue, ["ValueError: bad payload"])
+    amqp_tools_publish(node.url(), f"{queue}.dead", b"unreadable", undecodable_properties(b"bad-1"))
+    body, properties = parked(queue, 2, "ValueError: bad payload")
+    amqp_tools_publish(node.url(), f"{queue}.dead", body, properties)
+
+
+def test_tolerant_properties_leave_out_only_the_headers() -> None:
+    """Properties whose headers pika cannot decode arrive without them, the rest kept, and say why."""
+    properties = _deadletters.TolerantProperties()
+    with pytest.raises(ValueError, match="out of range"):  # pika itself fails on these bytes
+        pika.BasicProperties().decode(undecodable_properties(b"bad-1").encoded)
+
+    properties.decode(undecodable_properties(b"bad-1").encoded)
+
+    assert (properties.headers, properties.message_id) == (None, "bad-1")
+    assert properties.unreadable == (
+        "its headers cannot be decoded (ValueError: year 10000 is out of range)"
+    )
+
+
+UNREADABLE = (
+    "(cannot be read: its headers cannot be decoded (ValueError: year 10000 is out of range))"
+)
+
+
+def test_list_counts_an_undecodable_message_and_goes_on(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """A message pika cannot decode, between two good ones, is counted as unreadable; the rest is listed and all three stay parked."""
+    park_with_an_undecodable_one(rabbit, queue_name)
+
+    result = tool(tmp_path, "--url", rabbit.url(), "--queue", queue_name, "list")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:4] == [
+        f"{dlq}: 3 message(s), 1 cannot be read",
+        "failures, most common first:",
+        "  2  ValueError: bad payload",
+        f"  1  {UNREADABLE}",
+    ]
+    assert lines[9:12] == [
+        f"  2. {UNREADABLE}",
+        "     message id 'bad-1'",
+        "     body (10 bytes): unreadable",
+    ]
+    settles_at(rabbit, dlq, (3, 0))
+
+
+def test_replay_leaves_an_undecodable_message_parked_and_moves_the_rest(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """`replay` moves the two good messages, leaves the undecodable one parked with a one-line reason, and exits 0."""
+    park_with_an_undecodable_one(rabbit, queue_name)
+
+    result = tool(tmp_path, "--url", rabbit.url(), "--queue", queue_name, "replay")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "message 2 (message id 'bad-1') stays parked: its headers cannot be decoded"
+        " (ValueError: year 10000 is out of range)",
+        f"replayed 2 message(s) from {dlq} to {queue_name}; left 1 parked that cannot be replayed",
+    ]
+    settles_at(rabbit, dlq, (1, 0))
+    assert [m.properties.message_id for m in get_messages(rabbit.url(), queue_name)] == ["m0", "m2"]
+
+
+# -- what a replayed copy may carry
+
+
+def test_a_replayed_copy_is_stripped_and_lands_only_in_the_work_queue(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """A parked message with CC, x-death, x-first-death-* and another user's user_id is replayed persistent, without them, noted in consumer-svc-stripped, and the queue CC named gets nothing."""
+    publisher = f"publisher-{queue_name[-6:]}"
+    rabbit.add_user(publisher, "pub-Passw0rd")
+    rabbit.set_permissions("/", publisher)
+    park(rabbit, queue_name, [])
+    elsewhere = f"{queue_name}.elsewhere"
+    properties = pika.BasicProperties(
+        delivery_mode=pika.DeliveryMode.Transient,
+        user_id=publisher,
+        message_id="m-cc",
+        headers={
+            "tenant": "acme",
+            "CC": [elsewhere],
+            "x-death": [{"queue": queue_name, "reason": "rejected", "count": 1}],
+            "x-first-death-queue": queue_name,
+            "consumer-svc-failure": "ValueError: bad payload",
+        },
+    )
+    # Parked before `elsewhere` exists, so that only a replay could put anything there.
+    amqp_tools_publish(rabbit.url(publisher, "pub-Passw0rd"), dlq, b"cc me", properties)
+    amqp_tools.declare(rabbit.url(), elsewhere)
+    try:
+        result = tool(tmp_path, "--url", rabbit.url(), "--queue", queue_name, "replay")
+
+        assert result.returncode == 0, result.stderr
+        assert amqp_tools.queue_counts(rabbit.url(), elsewhere) == (0, 0)
+    finally:
+        amqp_tools.delete(rabbit.url(), elsewhere)
+    [copy] = get_messages(rabbit.url(), queue_name)
+    p = copy.properties
+    assert (copy.body, p.message_id, p.user_id, p.delivery_mode) == (b"cc me", "m-cc", None, 2)
+    assert p.headers == {
+        "tenant": "acme",
+        "consumer-svc-original-user-id": publisher,
+        "consumer-svc-stripped": "CC, x-death, x-first-death-queue, user_id",
+    }
+
+
+def test_a_replayed_copy_drops_bcc_and_keeps_the_tools_own_user_id() -> None:
+    """BCC (which the broker never delivers, so no parked message shows it) is stripped too, and a user_id naming the tool's own user stays."""
+    original = pika.BasicProperties(
+        user_id="guest", headers={"BCC": ["x"], "x-last-death-reason": "expired", "k": 1}
+    )
+
+    copy = _deadletters.replay_copy(original, username="guest")
+
+    assert copy.user_id == "guest"
+    assert copy.headers == {"k": 1, "consumer-svc-stripped": "BCC, x-last-death-reason"}
+    assert original.headers["BCC"] == ["x"]  # the original is left as it was

@@ -6,52 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
-from certs import CA
-from rabbitmq import RabbitNode, free_port
+from certs import CA, TLSBroker
 from service_support import Logs, Recorder, send, settings_for
 from waiting import eventually
 
 from consumer_svc._service import State
-
-
-class TLSBroker:
-    def __init__(self, node: RabbitNode, port: int, ca: CA, client: tuple[Path, Path]) -> None:
-        self.node, self.port, self.ca, self.client = node, port, ca, client
-
-    def url(self, host: str = "localhost", credentials: str = "guest:guest@") -> str:
-        return f"amqps://{credentials}{host}:{self.port}/%2F"
-
-
-@pytest.fixture(scope="module")
-def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A node with a TLS listener (certificate for localhost), EXTERNAL auth, and a user named like the client certificate."""
-    directory = tmp_path_factory.mktemp("tls")
-    ca = CA(directory)
-    server_cert, server_key = ca.issue("server", "localhost", hosts=("localhost",))
-    client = ca.issue("client", "consumer-client", client=True)
-    port = free_port()
-    node = RabbitNode(
-        tmp_path_factory.mktemp("rabbit-tls"),
-        config=[
-            f"listeners.ssl.default = 127.0.0.1:{port}",
-            f"ssl_options.cacertfile = {ca.path}",
-            f"ssl_options.certfile = {server_cert}",
-            f"ssl_options.keyfile = {server_key}",
-            "ssl_options.verify = verify_peer",
-            "ssl_options.fail_if_no_peer_cert = false",
-            "auth_mechanisms.1 = PLAIN",
-            "auth_mechanisms.2 = EXTERNAL",
-            "ssl_cert_login_from = common_name",
-        ],
-        plugins=["rabbitmq_auth_mechanism_ssl"],
-    )
-    node.start()
-    node.add_user("consumer-client", "unused-password")
-    node.set_permissions("/", "consumer-client")
-    yield TLSBroker(node, port, ca, client)
-    node.stop()
 
 
 def tls_settings(broker: TLSBroker, queue: str, url: str, **overrides: Any) -> Any:
