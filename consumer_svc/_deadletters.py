@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import ssl
-import struct
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import pika.exceptions
 from pika import spec
 from pika.adapters.utils import connection_workflow
 
+from . import _codec
 from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
@@ -196,72 +196,26 @@ def _text(value: Any) -> str:
 # -- reading what pika cannot decode
 
 
-class TolerantProperties(spec.BasicProperties):
-    """``BasicProperties`` whose decoding never raises: what cannot be decoded is left out.
-
-    pika's frame decoder raises on some headers the broker accepts (a timestamp past
-    year 9999, tables nested ~1000 deep), and the exception ends the connection, so
-    one such message would stop every ``basic.get`` after it. Decoded this way, the
-    message arrives without its headers (or without any properties), and
-    `unreadable` says why. (consumer_svc/_codec.py is to bring a decoder that keeps
-    what it can; this one only keeps the tool going.)
-    """
-
-    #: Why the headers or properties were left out; None when all was decoded.
-    unreadable: str | None = None
-
-    def decode(self, encoded: bytes, offset: int = 0) -> TolerantProperties:
-        try:
-            super().decode(encoded, offset)
-            return self
-        except Exception as e:  # whatever pika's decoder raises, the message stays readable
-            why = f"{type(e).__name__}: {e}"
-        spec.BasicProperties.__init__(self)
-        try:
-            super().decode(_without_headers(encoded, offset))
-            self.unreadable = f"its headers cannot be decoded ({why})"
-        except Exception:  # not the headers' fault: keep no property at all
-            spec.BasicProperties.__init__(self)
-            self.unreadable = f"its properties cannot be decoded ({why})"
-        return self
-
-
-def _without_headers(encoded: bytes, offset: int) -> bytes:
-    """Encoded properties with the headers table cut out (raises if there is none)."""
-    flags = struct.unpack_from(">H", encoded, offset)[0]
-    if not flags & spec.BasicProperties.FLAG_HEADERS:
-        raise ValueError("no headers to leave out")
-    position = offset + 2
-    while struct.unpack_from(">H", encoded, position - 2)[0] & 1:  # more flag words follow
-        position += 2
-    for flag in (
-        spec.BasicProperties.FLAG_CONTENT_TYPE,
-        spec.BasicProperties.FLAG_CONTENT_ENCODING,
-    ):
-        if flags & flag:
-            position += 1 + encoded[position]  # a short string
-    table_end = position + 4 + struct.unpack_from(">I", encoded, position)[0]
-    if table_end > len(encoded):
-        raise ValueError("the headers table runs past the frame")
-    head = struct.pack(">H", flags & ~spec.BasicProperties.FLAG_HEADERS)
-    return head + encoded[offset + 2 : position] + encoded[table_end:]
-
-
 @contextlib.contextmanager
 def tolerant_decoding() -> Iterator[None]:
-    """Meanwhile, pika decodes message properties as `TolerantProperties` (in this process)."""
-    index = spec.BasicProperties.INDEX
-    before = spec.props[index]
-    spec.props[index] = TolerantProperties
-    try:
-        yield
-    finally:
-        spec.props[index] = before
+    """pika decodes with the service's tolerant codec (`consumer_svc._codec`) meanwhile.
+
+    pika's own decoder raises on headers the broker accepts (a timestamp past year 9999,
+    tables nested ~1000 deep), and the exception ends the connection, so one such message
+    would stop every ``basic.get`` after it. With the codec installed (for good: it is a
+    superset of pika's) such values are clamped or marked, and a header table that cannot
+    be read at all arrives as `UndecodableHeaders`.
+    """
+    _codec.install()
+    yield
 
 
 def unreadable(properties: Any) -> str | None:
-    """Why a message's properties could not (all) be decoded; None if they were."""
-    return getattr(properties, "unreadable", None)
+    """Why a message's headers could not be read, or None."""
+    headers = getattr(properties, "headers", None)
+    if type(headers) is _codec.UndecodableHeaders:
+        return f"its headers cannot be decoded ({headers.error})"
+    return None
 
 
 # -- talking to the broker
