@@ -538,8 +538,10 @@ class RabbitNode:
     and all are bounded by timeouts; call them from a thread in Twisted tests.
 
     ``version`` picks the RabbitMQ series ("3.10": the host's package; "4.0": Debian 13's, run
-    in a chroot, see the module docstring); ``base_dir`` must then not lie inside that root.
-    ``cookie`` and ``epmd`` are for :class:`RabbitCluster`, whose nodes share both.
+    in a chroot, see the module docstring); ``base_dir`` must then not lie inside that root,
+    and files that ``config`` names must lie under ``base_dir`` or under one of ``binds``,
+    host folders that the node sees at the same paths. ``cookie`` and ``epmd`` are for
+    :class:`RabbitCluster`, whose nodes share both.
     """
 
     def __init__(
@@ -553,10 +555,12 @@ class RabbitNode:
         advanced: str = "",
         plugins: Iterable[str] = (),
         version: str = DEFAULT_VERSION,
+        binds: Iterable[str | os.PathLike[str]] = (),
         cookie: str | None = None,
         epmd: _Epmd | None = None,
     ) -> None:
         self.base_dir = Path(base_dir).resolve()
+        self._binds = [self.base_dir, *(Path(b).resolve() for b in binds)]
         self._install = _Install.find(version)
         #: The series asked for: "3.10" or "4.0".
         self.series = self._install.series
@@ -746,14 +750,14 @@ class RabbitNode:
         self._server = None
         if self._own_epmd:
             self._epmd.stop()
-        self._install.forget_binds([self.base_dir])
+        self._install.forget_binds(self._binds)
         self._watchdog.disarm()
         with _live_lock:
             _live_nodes.discard(self)
 
     def _command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` as run for this node's version: in the Debian 13 root for 4.0."""
-        return self._install.command(argv, binds=[self.base_dir], cwd=self.base_dir)
+        return self._install.command(argv, binds=self._binds, cwd=self.base_dir)
 
     def _ensure_epmd(self, deadline: _Deadline) -> None:
         if self._own_epmd:

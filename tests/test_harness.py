@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -229,6 +230,23 @@ def test_a_4_0_node_runs_chrooted_with_private_mounts(rabbit_factory: RabbitFact
     assert [p for p in pids if _alive(p)] == []
     _nothing_mounted_in_the_root()
     assert not (root / node.base_dir.relative_to("/")).exists()  # its mount point went too
+
+
+def test_a_4_0_node_reads_files_from_folders_bound_for_it(
+    rabbit_factory: RabbitFactory, tmp_path: Path
+) -> None:
+    """A config file outside base_dir is visible to a 4.0 node through binds=, at its own path."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    definitions = shared / "definitions.json"
+    queue = {"name": "from-definitions", "vhost": "/", "durable": True, "auto_delete": False}
+    queues = [{**queue, "arguments": {}}]
+    definitions.write_text(json.dumps({"vhosts": [{"name": "/"}], "queues": queues}))
+    node = rabbit_factory(f"load_definitions = {definitions}", version="4.0", binds=[shared])
+    assert "from-definitions" in node.list_queues()
+    node.stop()
+    _nothing_mounted_in_the_root()
+    assert not (rabbitmq4_root() / shared.relative_to("/")).exists()
 
 
 _OWNER = """
