@@ -476,11 +476,7 @@ class Consumer:
     def _park(self, delivery: Delivery, decision: Decision, retries: int) -> None:
         """Publish a confirmed copy to a retry queue or the dead-letter queue, then ack."""
         delivery.phase = Phase.PUBLISHING
-        s = self.settings
-        if decision.action is Action.RETRY:
-            target, arguments = retry_queue(s.queue, decision.delay)
-        else:
-            target, arguments = s.dead_letter_queue, dead_letter_arguments(s.queue_arguments)
+        target, arguments = self._target(decision)
 
         def publish(available: bool) -> Deferred[None]:
             if not available:
@@ -495,6 +491,13 @@ class Consumer:
             self._park_failed,
             errbackArgs=(delivery, decision, retries),
         )
+
+    def _target(self, decision: Decision) -> tuple[str, dict[str, Any]]:
+        """The queue a decision sends the copy to, and that queue's arguments."""
+        s = self.settings
+        if decision.action is Action.RETRY:
+            return retry_queue(s.queue, decision.delay)
+        return s.dead_letter_queue, dead_letter_arguments(s.queue_arguments)
 
     def _copy(
         self, delivery: Delivery, decision: Decision, retries: int
@@ -582,11 +585,7 @@ class Consumer:
         delivery, decision, retries = self._suspects.popleft()
         if delivery.refused is not None:
             decision = Decision(Action.DEAD_LETTER, decision.reason)
-        target = (
-            retry_queue(self.settings.queue, decision.delay)[0]
-            if decision.action is Action.RETRY
-            else self.settings.dead_letter_queue
-        )
+        target, _ = self._target(decision)
         body, properties = self._copy(delivery, decision, retries)
         d = self.publisher.publish("", target, body, properties, mandatory=True)
 
