@@ -568,6 +568,8 @@ async def test_tcp_reset(
 # -- a chaos run: random faults while thousands of messages are consumed
 
 
+# Bounded by its own deadlines (90 s of faults, then 120 s to finish): above the global net.
+@pytest.mark.timeout(420)
 @pytest_twisted.ensureDeferred
 async def test_chaos(
     rabbit_factory: Callable[..., RabbitNode],
