@@ -92,9 +92,7 @@ def makeService(options: Options) -> IService:
     consumer.setServiceParent(top)
     s = options.settings
     if s.health_port is not None:
-        from twisted.application.internet import TCPServer
+        from ._health import HealthServer
 
-        TCPServer(s.health_port, consumer.health_site(), interface=s.health_host).setServiceParent(
-            top
-        )
+        HealthServer(s.health_host, s.health_port, consumer.health_site()).setServiceParent(top)
     return top

@@ -29,8 +29,9 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 def test_the_unit_does_not_restart_on_configuration_errors() -> None:
-    """RestartPreventExitStatus lists the documented configuration exit statuses."""
+    """RestartPreventExitStatus lists the documented configuration exit statuses, a taken health port's included."""
     from consumer_svc import ExitStatus
+    from consumer_svc._errors import ListenFailed
 
     [line] = [
         line
@@ -38,6 +39,7 @@ def test_the_unit_does_not_restart_on_configuration_errors() -> None:
         if line.startswith("RestartPreventExitStatus=")
     ]
     statuses = {int(value) for value in line.split("=", 1)[1].split()}
+    assert ListenFailed.status in statuses
     assert statuses == {
         ExitStatus.CONFIG,
         ExitStatus.HANDLER,
