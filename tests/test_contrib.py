@@ -243,3 +243,61 @@ def test_stop_never_kills_a_process_that_is_not_the_daemon(shared_tmp: Path) -> 
         for process in (same_interpreter_as_root, other_of_the_user):
             process.send_signal(signal.SIGKILL)
             process.wait(10)
+
+
+def test_the_unit_fits_a_broker_down_at_boot_and_says_how_to_install() -> None:
+    """The start waits for the broker however long (READY comes once consuming), and the
+    install line puts the service and the handler's package into one virtualenv."""
+    text = UNIT.read_text()
+    [line] = [line for line in text.splitlines() if line.startswith("TimeoutStartSec=")]
+    assert line == "TimeoutStartSec=infinity"
+    assert "pip install consumer_svc" not in text
+    assert "/opt/consumer_svc/bin/pip install /path/to/consumer_svc /path/to/myapp" in text
+    assert "CONSUMER_HANDLER=" in text
+
+
+TAP_CONF = Path(__file__).parent.parent / "tap.conf"
+
+
+def test_the_shipped_tap_conf_works_once_copied_to_etc(
+    rabbit: Any, queue_name: str, tmp_path: Path
+) -> None:
+    """tap.conf copied elsewhere and used from another directory, without the source tree on the path, consumes and acks."""
+    from amqp_tools import publish
+    from twistd_support import TWISTD
+    from waiting import poll_until
+
+    etc = tmp_path / "etc" / "consumer_svc"
+    etc.mkdir(parents=True)
+    shutil.copy(TAP_CONF, etc / "tap.conf")
+    elsewhere = tmp_path / "srv"
+    elsewhere.mkdir()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
+    environ.pop("PYTHONPATH", None)
+    environ["AMQP_URL"] = rabbit.url()
+    log = tmp_path / "twistd.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "consumer", "--config", str(etc / "tap.conf"), "--queue", queue_name],
+            cwd=elsewhere, env=environ, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            poll_until(
+                lambda: "Consuming queue" in log.read_text() or process.poll() is not None,
+                30,
+                message="consuming",
+            )
+            assert process.poll() is None, log.read_text()
+            publish(rabbit.url(), queue_name, [b"hello"])
+            poll_until(
+                lambda: (
+                    rabbit.list_queues()[queue_name].messages_ready == 0
+                    and rabbit.list_queues()[queue_name].messages_unacknowledged == 0
+                    and "hello" in log.read_text()
+                ),
+                30,
+                message="the message handled and acked",
+            )
+        finally:
+            process.terminate()
+            process.wait(30)
