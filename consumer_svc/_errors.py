@@ -38,7 +38,8 @@ class ExitStatus(enum.IntEnum):
     OK = 0
     #: Anything unexpected (a crash, a traceback in the log).
     FAILURE = 1
-    #: An option, the environment or the config file has a bad value.
+    #: An option, the environment or the config file has a bad value, or the health
+    #: port cannot be listened on (taken by another process, not permitted).
     CONFIG = 64
     #: The handler cannot be imported or is not callable.
     HANDLER = 65
@@ -58,6 +59,10 @@ class ConfigurationError(FatalError):
     """An option, the environment or the config file has a bad value."""
 
     status = ExitStatus.CONFIG
+
+
+class ListenFailed(ConfigurationError):
+    """An address the service must listen on (``--health-port``) is taken or not permitted."""
 
 
 class HandlerImportError(ConfigurationError):

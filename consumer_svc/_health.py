@@ -1,24 +1,40 @@
 """Health probes and Prometheus metrics over HTTP: /healthz, /readyz, /metrics.
 
+The HTTP side is a deliberately tiny server, not twisted.web: one GET or HEAD
+per connection, no request body ever read, a cap on connections and a
+deadline on each, so that whatever a client sends costs a bounded amount of
+memory and no file descriptors beyond the cap.
+
 Metrics live in a registry of the service's own (not prometheus-client's
 global one), so that several services in one process never collide.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.application.internet import TCPServer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ._consumer import Outcome
+from ._errors import ListenFailed
+
+log = Logger(namespace="consumer_svc")
 
 #: Outcomes that end with an ack on the wire.
 ACKED = (Outcome.ACKED, Outcome.RETRIED, Outcome.DEAD_LETTERED)
@@ -111,22 +127,162 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _Text(Resource):
-    isLeaf = True
+#: Connections served at once; any more are closed as soon as they are accepted.
+MAX_CONNECTIONS = 32
+#: Seconds a connection may stay open, from accept to the last byte of the answer.
+CONNECTION_TIMEOUT = 10.0
+#: Bytes the request line and headers together may take.
+MAX_REQUEST_HEAD = 8192
 
-    def __init__(self, answer: Callable[[], tuple[int, bytes, bytes]]) -> None:
-        super().__init__()
-        self._answer = answer
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+_TEXT = b"text/plain; charset=utf-8"
 
-    def render_GET(self, request: Request) -> bytes:
-        code, content_type, body = self._answer()
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", content_type)
-        request.setHeader(b"cache-control", b"no-store")
-        return body
+#: What a path answers: status, content type and body, computed per request.
+Answer = Callable[[], tuple[int, bytes, bytes]]
 
 
-def health_site(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> Site:
+class _ProbeProtocol(Protocol):
+    """One HTTP/1.x request, one answer with ``Connection: close``, then the connection ends."""
+
+    def __init__(self, factory: HealthFactory) -> None:
+        self._factory = factory
+        self._buffer = b""
+        self._answered = False
+        self._counted = False
+        self._deadline: IDelayedCall | None = None
+
+    @property
+    def _tcp(self) -> ITCPTransport:
+        return cast(ITCPTransport, self.transport)
+
+    def connectionMade(self) -> None:
+        factory = self._factory
+        if factory.open >= factory.max_connections:
+            self._answered = True
+            self._tcp.abortConnection()
+            return
+        factory.open += 1
+        self._counted = True
+        # Covers a client that never finishes its request and one that never reads the answer.
+        self._deadline = factory.clock.callLater(factory.timeout, self._tcp.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_REQUEST_HEAD:
+            if len(self._buffer) > MAX_REQUEST_HEAD:
+                self._answer(431, _TEXT, b"request head too large\n")
+            return
+        head, self._buffer = self._buffer[:end], b""
+        self._respond(head)
+
+    def _respond(self, head: bytes) -> None:
+        request_line, *header_lines = head.split(b"\r\n")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self._answer(400, _TEXT, b"bad request\n")
+            return
+        method, target, _ = parts
+        headers: dict[bytes, bytes] = {}
+        for line in header_lines:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                self._answer(400, _TEXT, b"bad request\n")
+                return
+            headers[name.strip().lower()] = value.strip()
+        if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
+            # Refused unread: nothing of the body is ever taken off the socket.
+            self._answer(413, _TEXT, b"request bodies are not accepted\n")
+            return
+        if method not in (b"GET", b"HEAD"):
+            self._answer(405, _TEXT, b"only GET and HEAD\n", extra=b"Allow: GET, HEAD\r\n")
+            return
+        answer = self._factory.paths.get(target.split(b"?", 1)[0])
+        if answer is None:
+            self._answer(404, _TEXT, b"not found\n")
+            return
+        code, content_type, body = answer()
+        self._answer(code, content_type, body, head_only=method == b"HEAD")
+
+    def _answer(
+        self,
+        code: int,
+        content_type: bytes,
+        body: bytes,
+        *,
+        head_only: bool = False,
+        extra: bytes = b"",
+    ) -> None:
+        self._answered = True
+        self._buffer = b""
+        status = f"HTTP/1.1 {code} {_REASONS.get(code, 'Unknown')}\r\n".encode()
+        self._tcp.write(
+            status
+            + b"Content-Type: "
+            + content_type
+            + f"\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Cache-Control: no-store\r\nConnection: close\r\n"
+            + extra
+            + b"\r\n"
+            + (b"" if head_only else body)
+        )
+        # Stops reading too: whatever else the client sends (pipelined requests, a body)
+        # stays in the kernel's buffers and is dropped with the socket.
+        self._tcp.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if self._counted:
+            self._counted = False
+            self._factory.open -= 1
+
+
+class HealthFactory(Factory):
+    """The health port's protocol factory: routes paths to answers and bounds what clients cost."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        paths: dict[bytes, Answer],
+        *,
+        clock: IReactorTime | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout: float = CONNECTION_TIMEOUT,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self.clock = clock
+        self.paths = paths
+        self.max_connections = max_connections
+        self.timeout = timeout
+        #: Connections being served now.
+        self.open = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return _ProbeProtocol(self)
+
+
+def health_site(
+    metrics: Metrics,
+    ready: Callable[[], tuple[bool, str]],
+    *,
+    clock: IReactorTime | None = None,
+) -> HealthFactory:
     """The probe and metrics endpoints.
 
     /healthz answers 200 whenever the reactor can answer at all (liveness);
@@ -136,13 +292,63 @@ def health_site(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> Site
 
     def readyz() -> tuple[int, bytes, bytes]:
         ok, state = ready()
-        return (200 if ok else 503), b"text/plain; charset=utf-8", f"{state}\n".encode()
+        return (200 if ok else 503), _TEXT, f"{state}\n".encode()
 
-    root = Resource()
-    root.putChild(b"healthz", _Text(lambda: (200, b"text/plain; charset=utf-8", b"ok\n")))
-    root.putChild(b"readyz", _Text(readyz))
-    root.putChild(b"metrics", _Text(lambda: (200, CONTENT_TYPE_LATEST.encode(), metrics.render())))
-    site = Site(root)
-    site.noisy = False
-    site.log = lambda request: None  # type: ignore[method-assign]  # no access log per probe
-    return site
+    return HealthFactory(
+        {
+            b"/healthz": lambda: (200, _TEXT, b"ok\n"),
+            b"/readyz": readyz,
+            b"/metrics": lambda: (200, CONTENT_TYPE_LATEST.encode(), metrics.render()),
+        },
+        clock=clock,
+    )
+
+
+class HealthServer(TCPServer):
+    """The health port as a twistd service: a port it cannot listen on ends the start in one line."""
+
+    def __init__(self, host: str, port: int, factory: HealthFactory) -> None:
+        super().__init__(port, factory, interface=host)
+        self.host, self.port = host, port
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            cause = e.socketError
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+            address = f"[{self.host}]" if ":" in self.host else self.host
+            give_up_at_start(
+                ListenFailed(
+                    f"--health-port: cannot listen on {address}:{self.port}: "
+                    f"{reason[:1].lower()}{reason[1:]}"
+                )
+            )
+
+
+def give_up_at_start(error: ListenFailed) -> None:
+    """Log ``error`` in one line and end twistd's start with its exit status, without a traceback.
+
+    Raised before the reactor runs, the error lets twistd remove its pidfile and
+    tell a daemon's parent; the traceback Python would print is left out, and an
+    atexit hook applies the exit status (twistd cannot choose one).
+    """
+    log.critical(
+        "Giving up, retrying cannot fix this: {reason} (exit status {status})",
+        reason=str(error),
+        status=int(error.status),
+    )
+    previous = sys.excepthook
+
+    def quiet(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if value is not error:
+            previous(kind, value, tb)  # type: ignore[arg-type]
+
+    def hard_exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(error.status))
+
+    sys.excepthook = quiet
+    atexit.register(hard_exit)
+    raise error

@@ -26,7 +26,7 @@ from ._backoff import Backoff
 from ._consumer import Consumer, SetupFailed
 from ._errors import AccessRefused, ExitStatus, FatalError
 from ._handler import Handler, Invoker
-from ._health import Metrics, health_site
+from ._health import HealthFactory, Metrics, health_site
 from ._log import bridge_pika_logging
 from ._notify import Notifier
 from ._settings import Settings
@@ -304,7 +304,7 @@ class ConsumerService(Service):
         state = self.state.value + (", blocked by the broker" if self.blocked else "")
         return self.state is State.CONSUMING, state
 
-    def health_site(self) -> Any:
+    def health_site(self) -> HealthFactory:
         """The HTTP site for --health-port: /healthz, /readyz, /metrics."""
         return health_site(self.metrics, self.readiness)
 

@@ -15,6 +15,7 @@ from ._errors import ConfigurationError
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 CONFIG_SECTION = "consumer"
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,13 @@ def _readable(raw: str, name: str) -> str:
     except OSError as e:
         raise ConfigurationError(f"--{name} {path!r} cannot be read: {e.strerror}") from None
     return path
+
+
+def _log_level(raw: str, name: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ConfigurationError(f"--{name} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return value
 
 
 def _boolean(raw: str, name: str) -> bool:
@@ -280,6 +288,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("health-host", "127.0.0.1", "The address the health port listens on."),
     Option(
+        "log-level",
+        "info",
+        "Log from this level up: " + ", ".join(LOG_LEVELS) + ".",
+        _log_level,
+    ),
+    Option(
         "queue-arg",
         None,
         "A queue argument KEY=VALUE, e.g. x-queue-type=quorum (repeatable).",
@@ -329,6 +343,7 @@ class Settings:
     publish_timeout: float = 30.0
     health_port: int | None = None
     health_host: str = "127.0.0.1"
+    log_level: str = "info"
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

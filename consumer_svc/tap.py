@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from ._errors import ExitStatus, FatalError
@@ -83,18 +84,43 @@ def _exit_with(status: ExitStatus, message: str) -> None:
     raise SystemExit(int(status))
 
 
+class _Top(MultiService):
+    """The service tree's root; under twistd it hands the application its text log observer."""
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self._observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # twistd uses an application's ILogObserver component unless --logger is given.
+        if self._observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._observer)
+
+
+def _logging(options: Options) -> ILogObserver | None:
+    """Apply --log-level to twistd's log: the text observer to use, or None to leave twistd's."""
+    from ._log import configure, text_lines
+
+    twistd = options.parent
+    if twistd is None:
+        return None
+    configure(options.settings.log_level, twistd.get("logfile"), bool(twistd.get("nodaemon")))
+    if twistd.get("logger") or twistd.get("syslog"):
+        return None  # --logger consumer_svc.json_lines reads the same settings; syslog is twistd's
+    return text_lines()
+
+
 def makeService(options: Options) -> IService:
     """Wire the service tree; nothing connects until it is started."""
     from ._service import ConsumerService
 
-    top = MultiService()
+    top = _Top(_logging(options))
     consumer = ConsumerService(options.settings, options.handler)
     consumer.setServiceParent(top)
     s = options.settings
     if s.health_port is not None:
-        from twisted.application.internet import TCPServer
+        from ._health import HealthServer
 
-        TCPServer(s.health_port, consumer.health_site(), interface=s.health_host).setServiceParent(
-            top
-        )
+        HealthServer(s.health_host, s.health_port, consumer.health_site()).setServiceParent(top)
     return top

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -153,6 +154,25 @@ def test_bad_input_stops_before_connecting(
     lines = run.text().strip().splitlines()
     assert lines == [f"twistd consumer: error: {lines[0].split('error: ', 1)[1]}"]
     assert says in lines[0]
+
+
+def test_a_taken_health_port_is_one_line_and_exit_64(twistd: Callable[..., Twistd]) -> None:
+    """A health port another process holds ends the start with one line, no traceback, exit 64, before connecting."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = twistd(
+            ["--url", "amqp://guest:guest@127.0.0.1:1/", "--queue", "q", "--health-port", str(port)]
+        )
+        assert run.wait(60) == consumer_svc.ExitStatus.CONFIG == 64
+    text = run.text()
+    assert "Traceback" not in text
+    [line] = [line for line in text.splitlines() if "cannot listen" in line]
+    assert line.endswith(
+        f"--health-port: cannot listen on 127.0.0.1:{port}: address already in use (exit status 64)"
+    )
+    assert "Connecting to" not in text
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
