@@ -40,7 +40,7 @@ class ExitStatus(enum.IntEnum):
     FAILURE = 1
     #: An option, the environment or the config file has a bad value.
     CONFIG = 64
-    #: The handler cannot be imported or is not callable.
+    #: The handler cannot be imported, is not callable or cannot run as written.
     HANDLER = 65
     #: The broker refused the credentials, the vhost or a permission.
     ACCESS_REFUSED = 77

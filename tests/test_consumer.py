@@ -591,3 +591,25 @@ def test_a_value_that_cannot_be_encoded_is_left_off_the_copy_and_named() -> None
     assert "big" not in headers
     assert headers["ok"] == 1
     assert headers["consumer-svc-stripped"] == "big"
+
+
+def test_a_handler_returning_a_generator_is_retried_never_acked() -> None:
+    """A generator returned at run time (an @inlineCallbacks forgotten) fails the message: retried, not acked unrun."""
+    from consumer_svc._handler import Invoker
+
+    def forgot_inline_callbacks(message: Message) -> Any:
+        def work() -> Any:
+            yield None
+
+        return work()
+
+    clock = Clock()
+    publisher, channel = FakeChannel(clock), FakeChannel(clock)
+    invoke = Invoker(forgot_inline_callbacks, clock, threadpool=None)  # type: ignore[arg-type]
+    consumer = Consumer(SETTINGS, invoke, clock, lambda reason: None)
+    consumer.attach(FakeConnection(publisher, channel))  # type: ignore[arg-type]
+    channel.deliver(1)
+    [(queue, _, headers)] = publisher.published
+    assert queue == "q.retry.5s"
+    assert headers["consumer-svc-retries"] == 1
+    assert channel.settled == [("ack", 1)]  # acked only once its retry copy was confirmed

@@ -140,6 +140,7 @@ def test_the_handler_is_imported_when_options_are_parsed() -> None:
         (["--queue", "q", "--handler", "no_such_module_xyz:handle"], ExitStatus.HANDLER, "cannot import handler module 'no_such_module_xyz'"),
         (["--queue", "q", "--handler", "json:no_such_function"], ExitStatus.HANDLER, "module 'json' has no attribute 'no_such_function'"),
         (["--queue", "q", "--handler", "json:__doc__"], ExitStatus.HANDLER, "is a str, not a callable"),
+        (["--queue", "q", "--handler", "pkgutil:walk_packages"], ExitStatus.HANDLER, "--handler 'pkgutil:walk_packages' is a generator function"),
         (["--queue", "q", "--handler", "justaname"], ExitStatus.HANDLER, "is not of the form package.module:function"),
     ],
 )  # fmt: skip
