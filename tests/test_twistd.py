@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from amqp_tools import publish
 from rabbitmq import RabbitNode
-from twistd_support import TWISTD, Twistd
+from twistd_support import TESTS, TWISTD, Twistd
 from waiting import poll_until
 
 import consumer_svc
@@ -155,6 +155,66 @@ def test_bad_input_stops_before_connecting(
     lines = run.text().strip().splitlines()
     assert lines == [f"twistd consumer: error: {lines[0].split('error: ', 1)[1]}"]
     assert says in lines[0]
+
+
+def example_path(tmp_path: Path) -> str:
+    """A PYTHONPATH with the tests' handlers and a copy of examples/ (not the sources: the
+    installed consumer_svc must be the one imported)."""
+    lib = tmp_path / "lib"
+    shutil.copytree(TESTS.parent / "examples", lib / "examples")
+    return f"{TESTS}{os.pathsep}{lib}"
+
+
+def test_the_asyncio_example_runs_under_the_asyncio_reactor(
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """`twistd -r asyncio consumer --handler examples.tasks:handle_asyncio` awaits asyncio and Deferreds, and acks each message."""
+    publish(rabbit.url(), queue_name, [b"a.", b"b.", b"c"])
+    run = twistd(
+        [
+            "--url",
+            rabbit.url(),
+            "--queue",
+            queue_name,
+            "--handler",
+            "examples.tasks:handle_asyncio",
+        ],
+        env={"PYTHONPATH": example_path(tmp_path)},
+        twistd_args=("-r", "asyncio"),
+    )
+    poll_until(
+        lambda: run.text().count("with asyncio") == 3 or run.process.poll() is not None,
+        30,
+        message="3 messages handled",
+    )
+    poll_until(lambda: counts(rabbit, queue_name) == (0, 0), 10, message="the queue empty")
+    text = run.text()
+    assert "AsyncioSelectorReactor" in text
+    assert "failed" not in text
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait(30) == -signal.SIGTERM
+
+
+def test_the_asyncio_example_under_another_reactor_says_to_use_asyncio(
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """Without -r asyncio the message fails (here parked at once) with one line saying to use it."""
+    publish(rabbit.url(), queue_name, [b"a."])  # a dot: asyncio.sleep(0.1), which needs a loop
+    run = twistd(
+        ["--url", rabbit.url(), "--queue", queue_name, "--handler", "examples.tasks:handle_asyncio", "--max-retries", "0"],
+        env={"PYTHONPATH": example_path(tmp_path)},
+    )  # fmt: skip
+    dead = f"{queue_name}.dead"
+    poll_until(
+        lambda: dead in rabbit.list_queues() and counts(rabbit, dead) == (1, 0),
+        30,
+        message="the message parked",
+    )
+    [line] = [line for line in run.text().splitlines() if "Handler examples.tasks" in line]
+    assert "AsyncioReactorRequired" in line
+    assert "run twistd -r asyncio consumer" in line
+    assert counts(rabbit, queue_name) == (0, 0)
+    rabbit.delete_queue(dead)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
