@@ -341,6 +341,7 @@ class Consumer:
             redelivered=method.redelivered,
         )
         message._publisher = self.publisher
+        message._reply_to_allow = self.settings.reply_to_allow
         started = self.monotonic()
         delivery = Delivery(acks, message, started)
         self.inflight.add(delivery)

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from pika.spec import BasicProperties
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from ._errors import UndecodableBody
+from ._errors import Reject, UndecodableBody
 
 if TYPE_CHECKING:
     from ._publisher import Publisher
+
+
+#: Where replies may always go: queues the broker named (``amq.gen-*``; nobody can
+#: declare an ``amq.`` name) and RabbitMQ's direct reply-to pseudo-queue.
+REPLY_TO_ALWAYS = ("amq.gen-*", "amq.rabbitmq.reply-to*")
+
+
+def reply_allowed(reply_to: str, allowed: Iterable[str] = ()) -> bool:
+    """Whether a reply may be published to ``reply_to``: it matches a default or an allowed glob."""
+    return any(fnmatchcase(reply_to, pattern) for pattern in (*REPLY_TO_ALWAYS, *allowed))
 
 
 class Message:
@@ -24,6 +36,7 @@ class Message:
     __slots__ = (
         "_publisher",
         "_publishes",
+        "_reply_to_allow",
         "body",
         "delivery_tag",
         "exchange",
@@ -51,6 +64,8 @@ class Message:
         self._publisher: Publisher | None = None
         #: (what the handler got, what the ack waits for) for each publish.
         self._publishes: list[tuple[Deferred[None], Deferred[None]]] | None = None
+        #: --reply-to-allow: globs of further queues replies may go to.
+        self._reply_to_allow: tuple[str, ...] = ()
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -95,6 +110,10 @@ class Message:
         confirmed = self._publisher.publish(
             exchange, routing_key, body, properties, mandatory=mandatory
         )
+        return self._track(confirmed)
+
+    def _track(self, confirmed: Deferred[None]) -> Deferred[None]:
+        """The ack waits for ``confirmed``; its failure fails the message even if nobody waits for it."""
         settled: Deferred[None] = Deferred()
         if self._publishes is None:
             self._publishes = []
@@ -111,10 +130,29 @@ class Message:
         return confirmed
 
     def reply(self, body: bytes, properties: BasicProperties | None = None) -> Deferred[None]:
-        """Answer an RPC request: publish to its ``reply_to`` with its ``correlation_id``."""
+        """Answer an RPC request: publish to its ``reply_to`` with its ``correlation_id``.
+
+        Only to a queue replies belong in: one the broker named (``amq.gen-*``),
+        direct reply-to (``amq.rabbitmq.reply-to*``), or one that --reply-to-allow
+        names. Otherwise, and when there is no ``reply_to``, nothing is published
+        and the Deferred fails with `consumer_svc.Reject`: the message is parked,
+        whether or not the handler waits for the reply.
+        """
         reply_to = self.properties.reply_to
         if not reply_to:
-            raise ValueError(f"message {self.delivery_tag} has no reply_to to answer")
+            return self._track(
+                fail(Reject(f"message {self.delivery_tag} has no reply_to to answer"))
+            )
+        if not reply_allowed(reply_to, self._reply_to_allow):
+            allowed = ", ".join((*REPLY_TO_ALWAYS, *self._reply_to_allow))
+            return self._track(
+                fail(
+                    Reject(
+                        f"reply_to {reply_to[:100]!r} of message {self.delivery_tag} is not a "
+                        f"queue replies may go to ({allowed}; see --reply-to-allow)"
+                    )
+                )
+            )
         properties = properties or BasicProperties()
         if properties.correlation_id is None:
             properties.correlation_id = self.properties.correlation_id

@@ -5,6 +5,7 @@ The same behaviours are checked against a real broker in test_service.py.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
@@ -446,17 +447,66 @@ def test_a_failed_publish_fails_the_handler() -> None:
     assert setup.channel.settled == [("ack", 1)]
 
 
-def test_a_reply_goes_to_reply_to_with_the_correlation_id() -> None:
-    """message.reply answers an RPC request."""
-    setup = Setup(lambda m: m.reply(b"pong"))
+def request(setup: Setup, tag: int, reply_to: str | None) -> None:
+    """Deliver an RPC request asking for a reply to ``reply_to``."""
     method = type(
-        "Deliver", (), {"delivery_tag": 1, "routing_key": "q", "exchange": "", "redelivered": False}
+        "Deliver",
+        (),
+        {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
     )
-    setup.channel.on_message(
-        setup.channel, method, BasicProperties(reply_to="amq.gen-1", correlation_id="c-9"), b"ping"
+    properties = BasicProperties(reply_to=reply_to, correlation_id="c-9")
+    setup.channel.on_message(setup.channel, method, properties, b"ping")
+
+
+def test_a_reply_goes_to_reply_to_with_the_correlation_id() -> None:
+    """message.reply answers an RPC request in a server-named queue or through direct reply-to."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    request(setup, 1, "amq.gen-1")
+    request(setup, 2, "amq.rabbitmq.reply-to.g1h2AA5yZXBseQ==")
+    assert setup.publisher.published == [
+        ("amq.gen-1", b"pong", {}),
+        ("amq.rabbitmq.reply-to.g1h2AA5yZXBseQ==", b"pong", {}),
+    ]
+    assert setup.channel.settled == [("ack up to", 2)]  # coalesced into one multiple-ack
+
+
+def test_a_reply_to_any_other_queue_is_never_published_and_parked() -> None:
+    """A reply_to naming an ordinary queue is a Reject: nothing goes there, the request is parked at once, with why."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    request(setup, 1, "payments")
+    [(queue, body, headers)] = setup.publisher.published
+    assert (queue, body) == ("q.dead", b"ping")
+    assert headers["consumer-svc-failure"].startswith(
+        "Reject: reply_to 'payments' of message 1 is not a queue replies may go to "
+        "(amq.gen-*, amq.rabbitmq.reply-to*; see --reply-to-allow)"
     )
-    assert setup.publisher.published == [("amq.gen-1", b"pong", {})]
-    assert setup.channel.settled == [("ack", 1)]
+    assert headers["consumer-svc-attempts"] == 1
+    assert setup.channel.settled == [("ack", 1)]  # acked once its parked copy was confirmed
+
+
+def test_a_refused_reply_parks_the_message_even_if_the_handler_ignores_it() -> None:
+    """A handler that drops reply()'s Deferred still has its message parked, not acked."""
+    setup = Setup(lambda m: m.reply(b"pong") and None)
+    request(setup, 1, "payments")
+    assert [p[0] for p in setup.publisher.published] == ["q.dead"]
+
+
+def test_a_missing_reply_to_is_parked_not_retried() -> None:
+    """Retrying cannot give a request a reply_to: it is a Reject, parked after one attempt."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    request(setup, 1, None)
+    [(queue, _, headers)] = setup.publisher.published
+    assert queue == "q.dead"
+    assert headers["consumer-svc-failure"] == "Reject: message 1 has no reply_to to answer"
+
+
+def test_reply_to_allow_lets_replies_reach_more_queues() -> None:
+    """--reply-to-allow globs add queues replies may go to; the rest are still refused."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    setup.consumer.settings = dataclasses.replace(SETTINGS, reply_to_allow=("rpc.*",))
+    request(setup, 1, "rpc.replies.7")
+    request(setup, 2, "payments")
+    assert [p[0] for p in setup.publisher.published] == ["rpc.replies.7", "q.dead"]
 
 
 def test_draining_hands_back_held_messages_at_once() -> None:
