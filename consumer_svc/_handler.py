@@ -135,7 +135,8 @@ def log_message(message: Message) -> None:
     """The built-in handler: log the message's routing key, size and a preview, then ack it."""
     preview = message.body[:_PREVIEW]
     log.info(
-        "Message {delivery_tag} routing_key={routing_key!r} size={size} body={preview!r}{more}",
+        "Handled {message_name}: routing_key={routing_key!r} size={size} body={preview!r}{more}",
+        message_name=message.name,
         delivery_tag=message.delivery_tag,
         routing_key=message.routing_key,
         size=len(message.body),

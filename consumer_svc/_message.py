@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from ._publisher import Publisher
 
 
+#: How much of a message_id log lines show.
+_ID_PREVIEW = 64
 #: Where replies may always go: queues the broker named (``amq.gen-*``; nobody can
 #: declare an ``amq.`` name) and RabbitMQ's direct reply-to pseudo-queue.
 REPLY_TO_ALWAYS = ("amq.gen-*", "amq.rabbitmq.reply-to*")
@@ -34,6 +36,7 @@ class Message:
     """
 
     __slots__ = (
+        "_channel",
         "_publisher",
         "_publishes",
         "_reply_to_allow",
@@ -64,8 +67,24 @@ class Message:
         self._publisher: Publisher | None = None
         #: (what the handler got, what the ack waits for) for each publish.
         self._publishes: list[tuple[Deferred[None], Deferred[None]]] | None = None
+        #: Which consuming channel of this process delivered it (1, 2, ... across reconnects).
+        self._channel: int | None = None
         #: --reply-to-allow: globs of further queues replies may go to.
         self._reply_to_allow: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """How log lines name this message, stable across reconnects.
+
+        ``message 'order-42'`` (its ``message_id``, quoted and escaped) if it has
+        one, else ``message 7 of channel 3``: its delivery tag, and which of this
+        process's consuming channels delivered it (tags start again on each channel).
+        """
+        message_id = self.properties.message_id
+        if message_id:
+            return f"message {str(message_id)[:_ID_PREVIEW]!r}"
+        channel = f" of channel {self._channel}" if self._channel is not None else ""
+        return f"message {self.delivery_tag}{channel}"
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -140,16 +159,14 @@ class Message:
         """
         reply_to = self.properties.reply_to
         if not reply_to:
-            return self._track(
-                fail(Reject(f"message {self.delivery_tag} has no reply_to to answer"))
-            )
+            return self._track(fail(Reject("the request has no reply_to to answer")))
         if not reply_allowed(reply_to, self._reply_to_allow):
             allowed = ", ".join((*REPLY_TO_ALWAYS, *self._reply_to_allow))
             return self._track(
                 fail(
                     Reject(
-                        f"reply_to {reply_to[:100]!r} of message {self.delivery_tag} is not a "
-                        f"queue replies may go to ({allowed}; see --reply-to-allow)"
+                        f"reply_to {reply_to[:100]!r} is not a queue replies may go to "
+                        f"({allowed}; see --reply-to-allow)"
                     )
                 )
             )
