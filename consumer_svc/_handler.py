@@ -277,7 +277,8 @@ class Invoker:
         if inspect.isawaitable(result):
             if self._loop is not None:
                 return run_as_task(result, self._loop)
-            return Deferred.fromCoroutine(_await(result)).addErrback(self._needs_asyncio)
+            coroutine = result if inspect.iscoroutine(result) else _await(result)
+            return Deferred.fromCoroutine(coroutine).addErrback(self._needs_asyncio)
         return result
 
     def _in_thread(self, message: Message) -> Any:
