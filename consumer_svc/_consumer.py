@@ -21,7 +21,7 @@ from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ._acks import Acks
@@ -137,6 +137,8 @@ class Consumer:
     #: The current channel's acks; a delivery from an older channel holds an older one.
     acks: Acks | None = None
     consumer_tag: str | None = None
+    #: Consuming channels opened so far: log lines name a message by tag *and* channel.
+    channels_opened: int = 0
     inflight: set[Delivery] = field(default_factory=set)
     #: Deliveries handed back at the shutdown deadline while their handler ran on.
     abandoned: int = 0
@@ -176,6 +178,7 @@ class Consumer:
             yield self._open_publisher(connection)
             channel: Channel = yield connection.open_channel()
             self.channel = channel
+            self.channels_opened += 1
             self.acks = Acks(channel)
             channel.closed.addCallback(self._channel_closed, channel, "channel")
             channel.on_cancelled = self._cancelled_by_broker
@@ -341,6 +344,8 @@ class Consumer:
             redelivered=method.redelivered,
         )
         message._publisher = self.publisher
+        message._reply_to_allow = self.settings.reply_to_allow
+        message._channel = self.channels_opened
         started = self.monotonic()
         delivery = Delivery(acks, message, started)
         self.inflight.add(delivery)
@@ -355,7 +360,7 @@ class Consumer:
         finally:
             held = self.monotonic() - started
             if held >= STALL_WARNING and not self.invoke.blocking:
-                self._warn_stall(held, tag)
+                self._warn_stall(held, message)
         if result is not None and isinstance(result, Deferred):  # None: the common, fast case
             if not result.called:
                 # One sweep a second checks the deadlines: cheaper than a timer per message.
@@ -373,22 +378,22 @@ class Consumer:
         """Headers we could not read: park the message without running the handler on it."""
         reason = f"UndecodableHeaders: {headers.error}"
         log.warn(
-            "Message {tag} has headers that cannot be decoded ({reason}); parking it in {queue} "
+            "The headers of {message_name} cannot be decoded ({reason}); parking it in {queue} "
             "without running the handler",
-            tag=delivery.message.delivery_tag,
+            **_names(delivery.message),
             reason=headers.error,
             queue=self.settings.dead_letter_queue,
         )
         self._park(delivery, Decision(Action.DEAD_LETTER, reason), 0)
 
-    def _warn_stall(self, held: float, tag: int) -> None:
+    def _warn_stall(self, held: float, message: Message) -> None:
         log.warn(
-            "Handler {handler} blocked the reactor for {held:.1f}s on message {tag}: heartbeats "
+            "Handler {handler} blocked the reactor for {held:.1f}s on {message_name}: heartbeats "
             "and all other messages waited (after two missed heartbeats, {limit}s here, the broker "
             "drops the connection); return a Deferred or a coroutine, or mark it @consumer_svc.blocking",
             handler=self.invoke.name,
             held=held,
-            tag=tag,
+            **_names(message),
             limit=2 * self.settings.heartbeat,
             stall_seconds=held,
         )
@@ -456,7 +461,7 @@ class Consumer:
         decision = self.policy.decide(error, retries, reason)
         fields: dict[str, Any] = {
             "handler": self.invoke.name,
-            "tag": message.delivery_tag,
+            **_names(message),
             "reason": reason,
             "attempt": retries + 1,
             "delay": decision.delay,
@@ -464,13 +469,14 @@ class Consumer:
             "queue": self.settings.dead_letter_queue,
         }
         if decision.action is Action.RETRY:
-            text = "Handler {handler} failed on message {tag} (attempt {attempt}): {reason}; retrying in {delay:g}s"
+            text = "Handler {handler} failed on {message_name} (attempt {attempt}): {reason}; retrying in {delay:g}s"
         else:
-            text = "Handler {handler} failed on message {tag} (attempt {attempt}): {reason}; dead-lettering it to {queue}"
+            text = "Handler {handler} failed on {message_name} (attempt {attempt}): {reason}; dead-lettering it to {queue}"
         if failure.check(Reject, Retry) or delivery.timed_out:
             log.warn(text, **fields)
         else:
-            log.failure(text, failure, **fields)
+            # Expected in a service's life, so a warning; the traceback shows where.
+            log.failure(text, failure, level=LogLevel.warn, **fields)
         self._park(delivery, decision, retries)
 
     def _park(self, delivery: Delivery, decision: Decision, retries: int) -> None:
@@ -542,9 +548,9 @@ class Consumer:
             # The broker closed the channel over a publish: this copy, or another one
             # in flight with it. Published again one at a time, the guilty one shows.
             log.warn(
-                "The broker refused the copy of message {tag} (or one published with it): "
+                "The broker refused the copy of {message_name} (or one published with it): "
                 "{reason}; publishing it again on its own",
-                tag=delivery.message.delivery_tag,
+                **_names(delivery.message),
                 reason=failure.getErrorMessage(),
             )
             self._suspects.append((delivery, decision, retries))
@@ -555,9 +561,9 @@ class Consumer:
 
     def _hand_back(self, delivery: Delivery, decision: Decision, reason: str) -> None:
         log.warn(
-            "Could not {action} message {tag}: {reason}; handing it back to the broker in {delay:g}s",
+            "Could not {action} {message_name}: {reason}; handing it back to the broker in {delay:g}s",
             action=decision.action.value,
-            tag=delivery.message.delivery_tag,
+            **_names(delivery.message),
             reason=reason,
             delay=HAND_BACK_PAUSE,
         )
@@ -597,9 +603,9 @@ class Consumer:
             if failure.check(PublishRefused) and delivery.refused is None:
                 delivery.refused = failure.getErrorMessage()
                 log.warn(
-                    "The broker refused the copy of message {tag} on its own too: {reason}; "
+                    "The broker refused the copy of {message_name} on its own too: {reason}; "
                     "parking its body in {queue} without its headers and properties",
-                    tag=delivery.message.delivery_tag,
+                    **_names(delivery.message),
                     reason=delivery.refused,
                     queue=self.settings.dead_letter_queue,
                 )
@@ -629,8 +635,8 @@ class Consumer:
                 acks.ack(tag)
         else:
             log.debug(
-                "Message {tag} was not {outcome}: its channel is gone, the broker redelivers it",
-                tag=tag,
+                "{message_name} was not {outcome}: its channel is gone, the broker redelivers it",
+                **_names(delivery.message),
                 outcome=outcome.value,
             )
         self.on_outcome(outcome)
@@ -705,6 +711,16 @@ def _account_for(publishes: list[tuple[Deferred[None], Deferred[None]]]) -> None
     """A failed publish fails the message, which is logged; the handler need not wait for it."""
     for confirmed, _ in publishes:
         confirmed.addErrback(lambda _: None)
+
+
+def _names(message: Message) -> dict[str, Any]:
+    """The log fields that name a message: its stable name, and the facts it is made of."""
+    return {
+        "message_name": message.name,
+        "message_id": message.properties.message_id,
+        "channel": message._channel,
+        "tag": message.delivery_tag,
+    }
 
 
 def _stop_timer(delivery: Delivery) -> None:

@@ -41,7 +41,7 @@ class ExitStatus(enum.IntEnum):
     #: An option, the environment or the config file has a bad value, or the health
     #: port cannot be listened on (taken by another process, not permitted).
     CONFIG = 64
-    #: The handler cannot be imported or is not callable.
+    #: The handler cannot be imported, is not callable or cannot run as written.
     HANDLER = 65
     #: The broker refused the credentials, the vhost or a permission.
     ACCESS_REFUSED = 77

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from pika.spec import BasicProperties
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
-from ._errors import UndecodableBody
+from ._errors import Reject, UndecodableBody
 
 if TYPE_CHECKING:
     from ._publisher import Publisher
+
+
+#: How much of a message_id log lines show.
+_ID_PREVIEW = 64
+#: Where replies may always go: queues the broker named (``amq.gen-*``; nobody can
+#: declare an ``amq.`` name) and RabbitMQ's direct reply-to pseudo-queue.
+REPLY_TO_ALWAYS = ("amq.gen-*", "amq.rabbitmq.reply-to*")
+
+
+def reply_allowed(reply_to: str, allowed: Iterable[str] = ()) -> bool:
+    """Whether a reply may be published to ``reply_to``: it matches a default or an allowed glob."""
+    return any(fnmatchcase(reply_to, pattern) for pattern in (*REPLY_TO_ALWAYS, *allowed))
 
 
 class Message:
@@ -22,8 +36,10 @@ class Message:
     """
 
     __slots__ = (
+        "_channel",
         "_publisher",
         "_publishes",
+        "_reply_to_allow",
         "body",
         "delivery_tag",
         "exchange",
@@ -51,6 +67,24 @@ class Message:
         self._publisher: Publisher | None = None
         #: (what the handler got, what the ack waits for) for each publish.
         self._publishes: list[tuple[Deferred[None], Deferred[None]]] | None = None
+        #: Which consuming channel of this process delivered it (1, 2, ... across reconnects).
+        self._channel: int | None = None
+        #: --reply-to-allow: globs of further queues replies may go to.
+        self._reply_to_allow: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """How log lines name this message, stable across reconnects.
+
+        ``message 'order-42'`` (its ``message_id``, quoted and escaped) if it has
+        one, else ``message 7 of channel 3``: its delivery tag, and which of this
+        process's consuming channels delivered it (tags start again on each channel).
+        """
+        message_id = self.properties.message_id
+        if message_id:
+            return f"message {str(message_id)[:_ID_PREVIEW]!r}"
+        channel = f" of channel {self._channel}" if self._channel is not None else ""
+        return f"message {self.delivery_tag}{channel}"
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -95,6 +129,10 @@ class Message:
         confirmed = self._publisher.publish(
             exchange, routing_key, body, properties, mandatory=mandatory
         )
+        return self._track(confirmed)
+
+    def _track(self, confirmed: Deferred[None]) -> Deferred[None]:
+        """The ack waits for ``confirmed``; its failure fails the message even if nobody waits for it."""
         settled: Deferred[None] = Deferred()
         if self._publishes is None:
             self._publishes = []
@@ -111,10 +149,27 @@ class Message:
         return confirmed
 
     def reply(self, body: bytes, properties: BasicProperties | None = None) -> Deferred[None]:
-        """Answer an RPC request: publish to its ``reply_to`` with its ``correlation_id``."""
+        """Answer an RPC request: publish to its ``reply_to`` with its ``correlation_id``.
+
+        Only to a queue replies belong in: one the broker named (``amq.gen-*``),
+        direct reply-to (``amq.rabbitmq.reply-to*``), or one that --reply-to-allow
+        names. Otherwise, and when there is no ``reply_to``, nothing is published
+        and the Deferred fails with `consumer_svc.Reject`: the message is parked,
+        whether or not the handler waits for the reply.
+        """
         reply_to = self.properties.reply_to
         if not reply_to:
-            raise ValueError(f"message {self.delivery_tag} has no reply_to to answer")
+            return self._track(fail(Reject("the request has no reply_to to answer")))
+        if not reply_allowed(reply_to, self._reply_to_allow):
+            allowed = ", ".join((*REPLY_TO_ALWAYS, *self._reply_to_allow))
+            return self._track(
+                fail(
+                    Reject(
+                        f"reply_to {reply_to[:100]!r} is not a queue replies may go to "
+                        f"({allowed}; see --reply-to-allow)"
+                    )
+                )
+            )
         properties = properties or BasicProperties()
         if properties.correlation_id is None:
             properties.correlation_id = self.properties.correlation_id

@@ -169,6 +169,13 @@ def _queue_arguments(values: list[str], name: str) -> dict[str, Any]:
     return arguments
 
 
+def _reply_to_patterns(values: list[str], name: str) -> tuple[str, ...]:
+    patterns = tuple(v.strip() for v in values)
+    if any(not pattern for pattern in patterns):
+        raise ConfigurationError(f"--{name} must not be empty")
+    return patterns
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its option name, default, help text and conversion."""
@@ -310,6 +317,14 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option(
+        "reply-to-allow",
+        None,
+        "Also let message.reply() write to queues matching this glob (repeatable) "
+        "[always allowed: amq.gen-*, amq.rabbitmq.reply-to*].",
+        _reply_to_patterns,
+        repeatable=True,
+    ),
+    Option(
         "no-declare",
         None,
         "Only check that the queue exists (passively); declare nothing.",
@@ -352,6 +367,8 @@ class Settings:
     exchange_type: str = "direct"
     routing_keys: tuple[str, ...] = ()
     declare: bool = True
+    #: Globs of queues, besides amq.gen-* and direct reply-to, that replies may go to.
+    reply_to_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.urls:

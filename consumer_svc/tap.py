@@ -58,6 +58,10 @@ class Options(usage.Options):
         """Bind the queue with this routing key (repeatable; needs --exchange)."""
         self._repeated["routing-key"].append(value)
 
+    def opt_reply_to_allow(self, value: str) -> None:
+        """Also let message.reply() write to queues matching this glob (repeatable) [always allowed: amq.gen-*, amq.rabbitmq.reply-to*]."""
+        self._repeated["reply-to-allow"].append(value)
+
     def opt_no_declare(self) -> None:
         """Only check that the queue exists (passively); declare nothing."""
         self["no-declare"] = True

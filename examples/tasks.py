@@ -6,6 +6,7 @@ from the repository root.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from twisted.internet import task
@@ -35,6 +36,20 @@ async def handle_async(message: consumer_svc.Message) -> None:
 
     await task.deferLater(reactor, 0.01, lambda: None)
     log.info("Handled {body!r}", body=message.body[:40])
+
+
+async def handle_asyncio(message: consumer_svc.Message) -> None:
+    """A coroutine using asyncio code: run it under the asyncio reactor.
+
+    ``twistd -n -r asyncio consumer --queue task_queue --handler examples.tasks:handle_asyncio``
+    runs it as an asyncio task, so asyncio libraries (here ``asyncio.sleep``) and
+    Deferreds can both be awaited. Under another reactor it fails, saying so.
+    """
+    from twisted.internet import reactor
+
+    await asyncio.sleep(message.body.count(b".") * 0.1)
+    await task.deferLater(reactor, 0.01, lambda: None)
+    log.info("Handled {body!r} with asyncio", body=message.body[:40])
 
 
 @consumer_svc.blocking

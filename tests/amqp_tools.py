@@ -92,6 +92,7 @@ def publish(
     exchange: str = "",
     declare: bool = True,
     queue_arguments: Mapping[str, Any] | None = None,
+    reply_to: str | None = None,
 ) -> None:
     """Publish each body to ``queue`` with publisher confirms; raise unless all are confirmed.
 
@@ -101,6 +102,7 @@ def publish(
     properties = pika.BasicProperties(
         delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
         headers=dict(headers) if headers else None,
+        reply_to=reply_to,
     )
     with _channel(url) as channel:
         if declare:

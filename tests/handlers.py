@@ -48,3 +48,10 @@ def broken_at_import() -> None:
 raise_on_import = os.environ.get("HANDLERS_RAISE_ON_IMPORT") == "1"
 if raise_on_import:
     raise RuntimeError("handler module failed while importing")
+
+
+if os.environ.get("HANDLERS_BLOCKING_COROUTINE") == "1":
+
+    @consumer_svc.blocking
+    async def blocking_coroutine(message: consumer_svc.Message) -> None:
+        """A thread cannot await this: the decorator refuses it, so the import fails."""

@@ -5,12 +5,16 @@ The same behaviours are checked against a real broker in test_service.py.
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
 from typing import Any, Callable
 
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from consumer_svc import Message, Reject, Retry
 from consumer_svc._consumer import Consumer, ConsumerState
@@ -300,7 +304,7 @@ def test_a_broker_cancel_is_reported() -> None:
 
 def test_a_handler_holding_the_reactor_is_named_in_a_warning() -> None:
     """A synchronous call that holds the reactor for over a second is logged with the handler's name."""
-    from twisted.logger import LogEvent, globalLogPublisher
+    from twisted.logger import globalLogPublisher
 
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
@@ -446,17 +450,66 @@ def test_a_failed_publish_fails_the_handler() -> None:
     assert setup.channel.settled == [("ack", 1)]
 
 
-def test_a_reply_goes_to_reply_to_with_the_correlation_id() -> None:
-    """message.reply answers an RPC request."""
-    setup = Setup(lambda m: m.reply(b"pong"))
+def request(setup: Setup, tag: int, reply_to: str | None) -> None:
+    """Deliver an RPC request asking for a reply to ``reply_to``."""
     method = type(
-        "Deliver", (), {"delivery_tag": 1, "routing_key": "q", "exchange": "", "redelivered": False}
+        "Deliver",
+        (),
+        {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
     )
-    setup.channel.on_message(
-        setup.channel, method, BasicProperties(reply_to="amq.gen-1", correlation_id="c-9"), b"ping"
+    properties = BasicProperties(reply_to=reply_to, correlation_id="c-9")
+    setup.channel.on_message(setup.channel, method, properties, b"ping")
+
+
+def test_a_reply_goes_to_reply_to_with_the_correlation_id() -> None:
+    """message.reply answers an RPC request in a server-named queue or through direct reply-to."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    request(setup, 1, "amq.gen-1")
+    request(setup, 2, "amq.rabbitmq.reply-to.g1h2AA5yZXBseQ==")
+    assert setup.publisher.published == [
+        ("amq.gen-1", b"pong", {}),
+        ("amq.rabbitmq.reply-to.g1h2AA5yZXBseQ==", b"pong", {}),
+    ]
+    assert setup.channel.settled == [("ack up to", 2)]  # coalesced into one multiple-ack
+
+
+def test_a_reply_to_any_other_queue_is_never_published_and_parked() -> None:
+    """A reply_to naming an ordinary queue is a Reject: nothing goes there, the request is parked at once, with why."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    request(setup, 1, "payments")
+    [(queue, body, headers)] = setup.publisher.published
+    assert (queue, body) == ("q.dead", b"ping")
+    assert headers["consumer-svc-failure"].startswith(
+        "Reject: reply_to 'payments' is not a queue replies may go to "
+        "(amq.gen-*, amq.rabbitmq.reply-to*; see --reply-to-allow)"
     )
-    assert setup.publisher.published == [("amq.gen-1", b"pong", {})]
-    assert setup.channel.settled == [("ack", 1)]
+    assert headers["consumer-svc-attempts"] == 1
+    assert setup.channel.settled == [("ack", 1)]  # acked once its parked copy was confirmed
+
+
+def test_a_refused_reply_parks_the_message_even_if_the_handler_ignores_it() -> None:
+    """A handler that drops reply()'s Deferred still has its message parked, not acked."""
+    setup = Setup(lambda m: m.reply(b"pong") and None)
+    request(setup, 1, "payments")
+    assert [p[0] for p in setup.publisher.published] == ["q.dead"]
+
+
+def test_a_missing_reply_to_is_parked_not_retried() -> None:
+    """Retrying cannot give a request a reply_to: it is a Reject, parked after one attempt."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    request(setup, 1, None)
+    [(queue, _, headers)] = setup.publisher.published
+    assert queue == "q.dead"
+    assert headers["consumer-svc-failure"] == "Reject: the request has no reply_to to answer"
+
+
+def test_reply_to_allow_lets_replies_reach_more_queues() -> None:
+    """--reply-to-allow globs add queues replies may go to; the rest are still refused."""
+    setup = Setup(lambda m: m.reply(b"pong"))
+    setup.consumer.settings = dataclasses.replace(SETTINGS, reply_to_allow=("rpc.*",))
+    request(setup, 1, "rpc.replies.7")
+    request(setup, 2, "payments")
+    assert [p[0] for p in setup.publisher.published] == ["rpc.replies.7", "q.dead"]
 
 
 def test_draining_hands_back_held_messages_at_once() -> None:
@@ -591,3 +644,116 @@ def test_a_value_that_cannot_be_encoded_is_left_off_the_copy_and_named() -> None
     assert "big" not in headers
     assert headers["ok"] == 1
     assert headers["consumer-svc-stripped"] == "big"
+
+
+def test_a_handler_returning_a_generator_is_retried_never_acked() -> None:
+    """A generator returned at run time (an @inlineCallbacks forgotten) fails the message: retried, not acked unrun."""
+    from consumer_svc._handler import Invoker
+
+    def forgot_inline_callbacks(message: Message) -> Any:
+        def work() -> Any:
+            yield None
+
+        return work()
+
+    clock = Clock()
+    publisher, channel = FakeChannel(clock), FakeChannel(clock)
+    invoke = Invoker(forgot_inline_callbacks, clock, threadpool=None)  # type: ignore[arg-type]
+    consumer = Consumer(SETTINGS, invoke, clock, lambda reason: None)
+    consumer.attach(FakeConnection(publisher, channel))  # type: ignore[arg-type]
+    channel.deliver(1)
+    [(queue, _, headers)] = publisher.published
+    assert queue == "q.retry.5s"
+    assert headers["consumer-svc-retries"] == 1
+    assert channel.settled == [("ack", 1)]  # acked only once its retry copy was confirmed
+
+
+def captured_events() -> tuple[list[LogEvent], Callable[[], None]]:
+    """Collect every log event until the returned function is called."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    return events, lambda: globalLogPublisher.removeObserver(events.append)
+
+
+def failure_lines(events: list[LogEvent]) -> list[LogEvent]:
+    return [e for e in events if e.get("log_format", "").startswith("Handler {handler} failed")]
+
+
+def test_a_handler_failure_is_a_warning_with_its_traceback() -> None:
+    """An exception from the handler is expected in a service's life: logged at warn, traceback kept (text and JSON)."""
+    from consumer_svc import json_lines
+
+    events, stop = captured_events()
+    try:
+        setup = Setup(failing(RuntimeError("database down")))
+        setup.channel.deliver(1)
+    finally:
+        stop()
+    [event] = failure_lines(events)
+    assert event["log_level"] is LogLevel.warn
+    assert event["log_failure"].check(RuntimeError)
+    out = io.StringIO()
+    json_lines(out)(event)
+    record = json.loads(out.getvalue())
+    assert record["level"] == "warn"
+    assert "RuntimeError: database down" in record["traceback"]
+
+
+def test_reject_and_retry_are_warnings_without_a_traceback() -> None:
+    """A handler's own decision is no surprise: a warning, one line."""
+    events, stop = captured_events()
+    try:
+        Setup(failing(Reject("malformed"))).channel.deliver(1)
+        Setup(failing(Retry("later"))).channel.deliver(1)
+    finally:
+        stop()
+    lines = failure_lines(events)
+    assert [e["log_level"] for e in lines] == [LogLevel.warn, LogLevel.warn]
+    assert all("log_failure" not in e for e in lines)
+
+
+def deliver_with_id(channel: FakeChannel, tag: int, message_id: str | None) -> None:
+    method = type(
+        "Deliver",
+        (),
+        {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
+    )
+    channel.on_message(channel, method, BasicProperties(message_id=message_id), b"x")
+
+
+def test_log_lines_name_a_message_by_its_id_else_by_tag_and_channel() -> None:
+    """A message_id names the message; without one, the tag and which consuming channel it came on, so tag 1 after a reconnect is not tag 1 before."""
+    events, stop = captured_events()
+    try:
+        setup = Setup(failing(RuntimeError("boom")))
+        deliver_with_id(setup.channel, 1, "order-42")
+        deliver_with_id(setup.channel, 2, None)
+        setup.channel.die()
+        again = FakeChannel(setup.clock)
+        setup.consumer.attach(FakeConnection(FakeChannel(setup.clock), again))  # type: ignore[arg-type]
+        deliver_with_id(again, 1, None)
+    finally:
+        stop()
+    names = [e["message_name"] for e in failure_lines(events)]
+    assert names == ["message 'order-42'", "message 2 of channel 1", "message 1 of channel 2"]
+    [first, *_] = failure_lines(events)
+    assert (first["message_id"], first["channel"], first["tag"]) == ("order-42", 1, 1)
+    assert formatEvent(first).startswith(
+        "Handler tests.handler failed on message 'order-42' (attempt 1): RuntimeError: boom"
+    )
+
+
+def test_a_hostile_message_id_cannot_forge_log_lines() -> None:
+    """Control characters and bidi overrides in a message_id are escaped, and a long one is cut."""
+    message = Message(
+        b"x",
+        BasicProperties(message_id="evil\n[consumer_svc#info] Stopped\u202e" + "x" * 200),
+        delivery_tag=1,
+        routing_key="q",
+        exchange="",
+        redelivered=False,
+    )
+    assert "\n" not in message.name
+    assert "\u202e" not in message.name
+    assert message.name.startswith("message 'evil\\n[consumer_svc#info] Stopped\\u202e")
+    assert len(message.name) < 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -241,30 +242,46 @@ async def test_an_unroutable_publish_fails_the_handler(
     assert "Unhandled error in Deferred" not in logs.text()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_reply_answers_an_rpc_request(
-    rabbit: RabbitNode, queue_name: str, services: Services
-) -> None:
-    """message.reply() reaches the caller's reply_to queue with its correlation_id."""
-    run = services(settings_for(rabbit.url(), queue_name), lambda m: m.reply(b"pong:" + m.body))
-    await run.consuming()
-    replies = f"{queue_name}-replies"
+def rpc_call(url: str, queue: str, *, direct: bool, timeout: float = 20) -> Any:
+    """Send a request as an RPC client does and wait (bounded) for its reply.
 
-    def call() -> Any:
-        connection = connect(rabbit.url())
+    The reply comes to a server-named exclusive queue (amq.gen-...), or with
+    ``direct`` through RabbitMQ's direct reply-to; returns (body, properties).
+    """
+    connection = connect(url)
+    try:
         channel = connection.channel()
-        channel.queue_declare(replies, durable=True)
-        channel.confirm_delivery()
-        properties = pika.BasicProperties(reply_to=replies, correlation_id="c-42")
-        channel.basic_publish("", queue_name, b"ping", properties, mandatory=True)
+        answers: list[tuple[bytes, Any]] = []
+        if direct:
+            reply_to = "amq.rabbitmq.reply-to"
+        else:
+            reply_to = channel.queue_declare("", exclusive=True).method.queue
+        channel.basic_consume(
+            reply_to, lambda ch, method, props, body: answers.append((body, props)), auto_ack=True
+        )
+        properties = pika.BasicProperties(reply_to=reply_to, correlation_id="c-42")
+        channel.basic_publish("", queue, b"ping", properties)
+        deadline = time.monotonic() + timeout
+        while not answers and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.1)
+        assert answers, f"no reply within {timeout} s"
+        return answers[0]
+    finally:
         connection.close()
 
-    await deferToThread(call)
-    await queue_settles(rabbit, replies, ready=1)
-    [answer] = await deferToThread(get_messages, rabbit.url(), replies)
-    assert answer.body == b"pong:ping"
-    assert answer.properties.correlation_id == "c-42"
-    await deferToThread(rabbit.delete_queue, replies)
+
+@pytest.mark.parametrize("direct", [False, True], ids=["server-named queue", "direct reply-to"])
+@pytest_twisted.ensureDeferred
+async def test_a_reply_answers_an_rpc_request(
+    rabbit: RabbitNode, queue_name: str, services: Services, direct: bool
+) -> None:
+    """message.reply() reaches the caller's server-named queue, or direct reply-to, with its correlation_id."""
+    run = services(settings_for(rabbit.url(), queue_name), lambda m: m.reply(b"pong:" + m.body))
+    await run.consuming()
+    body, properties = await deferToThread(rpc_call, rabbit.url(), queue_name, direct=direct)
+    assert body == b"pong:ping"
+    assert properties.correlation_id == "c-42"
+    await queue_settles(rabbit, queue_name)
 
 
 @pytest_twisted.ensureDeferred

@@ -91,6 +91,15 @@ def test_repeatable_options_and_typed_queue_arguments() -> None:
     assert (s.exchange, s.exchange_type, s.routing_keys) == ("ex", "topic", ("a.*", "b.#"))
 
 
+def test_reply_to_allow_repeats_and_comes_from_the_environment() -> None:
+    """--reply-to-allow repeats; CONSUMER_REPLY_TO_ALLOW takes a comma-separated list; none by default."""
+    assert parse(["--queue", "q"]).settings.reply_to_allow == ()
+    s = parse(["--queue", "q", "--reply-to-allow", "rpc.*", "--reply-to-allow", "replies"]).settings
+    assert s.reply_to_allow == ("rpc.*", "replies")
+    s = parse(["--queue", "q"], {"CONSUMER_REPLY_TO_ALLOW": "rpc.*, replies"}).settings
+    assert s.reply_to_allow == ("rpc.*", "replies")
+
+
 def test_lists_in_the_config_file(tmp_path: Path) -> None:
     """In the file, repeatable options take several lines or commas."""
     conf = tmp_path / "c.conf"
@@ -128,6 +137,7 @@ def test_the_handler_is_imported_when_options_are_parsed() -> None:
         ([], ExitStatus.CONFIG, "no queue given"),
         (["--queue", "q", "--config", "/nonexistent/tap.conf"], ExitStatus.CONFIG, "cannot read config file '/nonexistent/tap.conf'"),
         (["--queue", "q", "--queue-arg", "novalue"], ExitStatus.CONFIG, "--queue-arg takes KEY=VALUE"),
+        (["--queue", "q", "--reply-to-allow", " "], ExitStatus.CONFIG, "--reply-to-allow must not be empty"),
         (["--queue", "q", "--routing-key", "k"], ExitStatus.CONFIG, "--routing-key needs --exchange"),
         (["--queue", "q", "--exchange", "e", "--exchange-type", "bogus"], ExitStatus.CONFIG, "--exchange-type must be one of"),
         (["--queue", "q", "--bogus"], ExitStatus.CONFIG, "option --bogus not recognized"),
@@ -140,6 +150,7 @@ def test_the_handler_is_imported_when_options_are_parsed() -> None:
         (["--queue", "q", "--handler", "no_such_module_xyz:handle"], ExitStatus.HANDLER, "cannot import handler module 'no_such_module_xyz'"),
         (["--queue", "q", "--handler", "json:no_such_function"], ExitStatus.HANDLER, "module 'json' has no attribute 'no_such_function'"),
         (["--queue", "q", "--handler", "json:__doc__"], ExitStatus.HANDLER, "is a str, not a callable"),
+        (["--queue", "q", "--handler", "pkgutil:walk_packages"], ExitStatus.HANDLER, "--handler 'pkgutil:walk_packages' is a generator function"),
         (["--queue", "q", "--handler", "justaname"], ExitStatus.HANDLER, "is not of the form package.module:function"),
     ],
 )  # fmt: skip

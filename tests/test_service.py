@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import amqp_tools
 import pytest
 import pytest_twisted
 from rabbitmq import RabbitNode
@@ -121,6 +122,32 @@ async def test_deferred_coroutine_and_blocking_handlers(
         assert sorted(body for k, body in seen if k == kind) == [b"1", b"2", b"3"]
         await run.stop()
         await deferToThread(rabbit.delete_queue, queue)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_go_only_where_replies_belong(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """A reply_to naming an ordinary queue gets nothing and the request is parked; --reply-to-allow lets the reply through."""
+    other, dead = f"{queue_name}-payments", f"{queue_name}.dead"
+    await deferToThread(amqp_tools.declare, rabbit.url(), other)
+    try:
+        run = services(settings_for(rabbit.url(), queue_name), Recorder(lambda m: m.reply(b"pong")))
+        await run.consuming()
+        await send(rabbit, queue_name, [b"ping"], reply_to=other)
+        await queue_settles(rabbit, dead, ready=1)
+        assert ready_and_unacked(rabbit, other) == (0, 0)
+        await run.stop()
+        allowing = settings_for(rabbit.url(), queue_name, reply_to_allow=(f"{queue_name}-pay*",))
+        run = services(allowing, Recorder(lambda m: m.reply(b"pong")))
+        await run.consuming()
+        await send(rabbit, queue_name, [b"ping"], reply_to=other)
+        await queue_settles(rabbit, other, ready=1)
+        await queue_settles(rabbit, queue_name)
+        assert await deferToThread(amqp_tools.get_all, rabbit.url(), other) == [b"pong"]
+    finally:
+        for queue in (other, dead):
+            await deferToThread(amqp_tools.delete, rabbit.url(), queue)
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from amqp_tools import publish
 from rabbitmq import RabbitNode
-from twistd_support import TWISTD, Twistd
+from twistd_support import TESTS, TWISTD, Twistd
 from waiting import poll_until
 
 import consumer_svc
@@ -141,6 +141,8 @@ def test_wrong_credentials_exit_77_with_one_line(
     [
         (["--queue", "q", "--handler", "handlers:nope"], {}, 65, "module 'handlers' has no attribute 'nope'"),
         (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "RuntimeError: handler module failed while importing"),
+        (["--queue", "q", "--handler", "pkgutil:walk_packages"], {}, 65, "--handler 'pkgutil:walk_packages' is a generator function: calling it runs nothing; decorate it with @twisted.internet.defer.inlineCallbacks"),
+        (["--queue", "q", "--handler", "handlers:blocking_coroutine"], {"HANDLERS_BLOCKING_COROUTINE": "1"}, 65, "TypeError: handlers.blocking_coroutine is a coroutine function marked @consumer_svc.blocking: a thread cannot await it"),
         (["--queue", "q", "--prefetch", "0"], {}, 64, "--prefetch must be a whole number from 1 to 65535, got '0'"),
         (["--queue", "q", "--config", "missing.conf"], {}, 64, "cannot read config file 'missing.conf'"),
     ],
@@ -173,6 +175,66 @@ def test_a_taken_health_port_is_one_line_and_exit_64(twistd: Callable[..., Twist
         f"--health-port: cannot listen on 127.0.0.1:{port}: address already in use (exit status 64)"
     )
     assert "Connecting to" not in text
+
+
+def example_path(tmp_path: Path) -> str:
+    """A PYTHONPATH with the tests' handlers and a copy of examples/ (not the sources: the
+    installed consumer_svc must be the one imported)."""
+    lib = tmp_path / "lib"
+    shutil.copytree(TESTS.parent / "examples", lib / "examples")
+    return f"{TESTS}{os.pathsep}{lib}"
+
+
+def test_the_asyncio_example_runs_under_the_asyncio_reactor(
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """`twistd -r asyncio consumer --handler examples.tasks:handle_asyncio` awaits asyncio and Deferreds, and acks each message."""
+    publish(rabbit.url(), queue_name, [b"a.", b"b.", b"c"])
+    run = twistd(
+        [
+            "--url",
+            rabbit.url(),
+            "--queue",
+            queue_name,
+            "--handler",
+            "examples.tasks:handle_asyncio",
+        ],
+        env={"PYTHONPATH": example_path(tmp_path)},
+        twistd_args=("-r", "asyncio"),
+    )
+    poll_until(
+        lambda: run.text().count("with asyncio") == 3 or run.process.poll() is not None,
+        30,
+        message="3 messages handled",
+    )
+    poll_until(lambda: counts(rabbit, queue_name) == (0, 0), 10, message="the queue empty")
+    text = run.text()
+    assert "AsyncioSelectorReactor" in text
+    assert "failed" not in text
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait(30) == -signal.SIGTERM
+
+
+def test_the_asyncio_example_under_another_reactor_says_to_use_asyncio(
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd], tmp_path: Path
+) -> None:
+    """Without -r asyncio the message fails (here parked at once) with one line saying to use it."""
+    publish(rabbit.url(), queue_name, [b"a."])  # a dot: asyncio.sleep(0.1), which needs a loop
+    run = twistd(
+        ["--url", rabbit.url(), "--queue", queue_name, "--handler", "examples.tasks:handle_asyncio", "--max-retries", "0"],
+        env={"PYTHONPATH": example_path(tmp_path)},
+    )  # fmt: skip
+    dead = f"{queue_name}.dead"
+    poll_until(
+        lambda: dead in rabbit.list_queues() and counts(rabbit, dead) == (1, 0),
+        30,
+        message="the message parked",
+    )
+    [line] = [line for line in run.text().splitlines() if "Handler examples.tasks" in line]
+    assert "AsyncioReactorRequired" in line
+    assert "run twistd -r asyncio consumer" in line
+    assert counts(rabbit, queue_name) == (0, 0)
+    rabbit.delete_queue(dead)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

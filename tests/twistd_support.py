@@ -18,7 +18,13 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 class Twistd:
     """A `twistd -n consumer` subprocess with its log in a file."""
 
-    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        twistd_args: tuple[str, ...] = (),
+    ) -> None:
         self.log = tmp / "twistd.log"
         self.record = tmp / "record.txt"
         self.record.touch()
@@ -26,7 +32,7 @@ class Twistd:
         environ.update({"RECORD": str(self.record), "PYTHONPATH": str(TESTS)}, **(env or {}))
         self._out = open(self.log, "wb")  # noqa: SIM115 (closed in wait)
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "consumer", *args],
+            [TWISTD, "-n", "--pidfile=", *twistd_args, "consumer", *args],
             cwd=tmp,
             env=environ,
             stdout=self._out,
@@ -69,8 +75,11 @@ class Twistd:
 def twistd(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
     started: list[Twistd] = []
 
-    def start(args: list[str], env: dict[str, str] | None = None) -> Twistd:
-        process = Twistd(tmp_path, args, env)
+    def start(
+        args: list[str], env: dict[str, str] | None = None, twistd_args: tuple[str, ...] = ()
+    ) -> Twistd:
+        """``twistd -n --pidfile= [twistd_args] consumer [args]``, e.g. twistd_args=("-r", "asyncio")."""
+        process = Twistd(tmp_path, args, env, twistd_args)
         started.append(process)
         return process
 
