@@ -4,7 +4,7 @@ Handler authors need only these names; run the service with
 ``twistd consumer --queue NAME --handler package.module:function``.
 """
 
-from ._errors import ExitStatus, PublishFailed, Reject, Retry, UndecodableBody
+from ._errors import ExitStatus, Pause, PublishFailed, Reject, Retry, UndecodableBody
 from ._handler import blocking
 from ._log import json_lines
 from ._message import Message
@@ -12,6 +12,7 @@ from ._message import Message
 __all__ = [
     "ExitStatus",
     "Message",
+    "Pause",
     "PublishFailed",
     "Reject",
     "Retry",

@@ -28,7 +28,15 @@ from ._acks import Acks
 from ._amqp import AMQPConnection, Channel
 from ._codec import UndecodableHeaders, encodable
 from ._copies import copy_properties, note_stripped, safe_headers
-from ._errors import AccessRefused, FatalError, PublishRefused, Reject, Retry, TopologyMismatch
+from ._errors import (
+    AccessRefused,
+    FatalError,
+    Pause,
+    PublishRefused,
+    Reject,
+    Retry,
+    TopologyMismatch,
+)
 from ._handler import Invoker
 from ._message import Message
 from ._publisher import Publisher
@@ -67,6 +75,7 @@ class ConsumerState(enum.Enum):
 class Phase(enum.Enum):
     """Where one message is between its arrival and its settlement."""
 
+    WAITING = "waiting"  # delivered, waiting for a free handler slot (--concurrency)
     HANDLING = "handling"  # the handler runs
     PUBLISHING = "publishing"  # waiting for confirms: the handler's publishes, or its parked copy
     HOLDING = "holding"  # could not be parked: held briefly, then handed back
@@ -101,6 +110,24 @@ class Delivery:
     abandoned: bool = False
     #: Why the broker refused its copy when published on its own: park it bare.
     refused: str | None = None
+    #: It holds one of the --concurrency slots.
+    running: bool = False
+    #: The one message taken while paused, to see whether the downstream is back.
+    probe: bool = False
+
+
+@dataclass
+class Paused:
+    """Why and since when the consumer takes no messages, and when it tries one again."""
+
+    cause: str
+    #: Paused by the operator: no probes, until resumed.
+    by_operator: bool = False
+    #: The wait before the next probe, in seconds.
+    delay: float = 0.0
+    timer: IDelayedCall | None = None
+    #: Subscribed with a prefetch of 1, waiting for the probe's result.
+    probing: bool = False
 
 
 class SetupFailed(Exception):
@@ -132,6 +159,8 @@ class Consumer:
     on_handled: Callable[[float], None] = lambda seconds: None
     #: Called with a failure that retrying cannot fix (the service stops).
     on_fatal: Callable[[FatalError], None] = lambda error: None
+    #: Called with the cause when the consumer pauses, and with None when it resumes.
+    on_paused: Callable[[str | None], None] = lambda cause: None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     #: The current channel's acks; a delivery from an older channel holds an older one.
@@ -149,11 +178,24 @@ class Consumer:
     #: Deliveries whose copy the broker refused, to be published again one at a time.
     _suspects: deque[tuple[Delivery, Decision, int]] = field(default_factory=deque)
     _isolating: bool = False
+    #: Delivered, waiting for one of the --concurrency slots, in order.
+    _waiting: deque[Delivery] = field(default_factory=deque)
+    _running: int = 0
+    _starting: bool = False
+    #: Failures in a row (Reject aside): enough of them pause the consumer.
+    _failures_in_row: int = 0
+    paused: Paused | None = None
+    #: The wait before the first probe of the next pause; doubles while probes fail.
+    _pause_delay: float = 0.0
+    #: The clock's time of the last delivery, for the stall check.
+    last_delivery: float = 0.0
+    _stall_check: LoopingCall | None = None
     _drained: Deferred[None] | None = None
     _deadline: IDelayedCall | None = None
     _sweeper: LoopingCall | None = None
 
     def __post_init__(self) -> None:
+        self.last_delivery = self.clock.seconds()
         self.publisher = Publisher(self.clock, self.settings.publish_timeout)
         self.policy = RetryPolicy(self.settings.max_retries, self.settings.retry_delay)
         self.failure_queues = FailureQueues(
@@ -183,13 +225,19 @@ class Consumer:
             channel.closed.addCallback(self._channel_closed, channel, "channel")
             channel.on_cancelled = self._cancelled_by_broker
             yield self._declare(channel)
-            yield channel.qos(self.settings.prefetch)
-            self.consumer_tag = yield channel.consume(self.settings.queue, self._on_message)
+            if self.paused is None:
+                yield channel.qos(self.settings.prefetch)
+                self.consumer_tag = yield channel.consume(self.settings.queue, self._on_message)
         except pika_errors.ChannelClosedByBroker as e:
             raise self._setup_error(e) from None
         if self.state is ConsumerState.SETTING_UP:
             self.state = ConsumerState.CONSUMING
+            self.last_delivery = self.clock.seconds()
             self._check_failure_queues()
+            self._start_stall_check()
+            if self.paused is not None:
+                self.paused.probing = False
+                self._schedule_probe()
 
     @inlineCallbacks
     def _open_publisher(self, connection: AMQPConnection) -> Any:
@@ -315,11 +363,17 @@ class Consumer:
         self.publisher.channel = None
         self.consumer_tag = None
         self.connection = None
+        self._stop_stall_check()
         self.failure_queues.detach()
         suspects, self._suspects = self._suspects, deque()
         self._isolating = False
         for delivery, _, _ in suspects:
             self._settle(delivery, Outcome.REJECTED)  # not sent: the broker redelivers it
+        waiting, self._waiting = self._waiting, deque()
+        for delivery in waiting:
+            self._settle(delivery, Outcome.REQUEUED)  # likewise
+        if self.paused is not None:
+            self.paused.probing = False
         if self.state in (ConsumerState.SETTING_UP, ConsumerState.CONSUMING):
             self.state = ConsumerState.IDLE
 
@@ -331,10 +385,14 @@ class Consumer:
         if acks is None or acks.channel is not channel:
             return  # a straggler from a channel we gave up on: the broker redelivers it
         acks.delivered(tag)
-        if self.state in (ConsumerState.DRAINING, ConsumerState.STOPPED):
+        paused = self.paused
+        if self.state in (ConsumerState.DRAINING, ConsumerState.STOPPED) or (
+            paused is not None and not paused.probing
+        ):
             # Delivered between our cancel and the broker's cancel-ok: hand it back.
             acks.nack(tag)
             return
+        self.last_delivery = self.clock.seconds()
         message = Message(
             body,
             properties,
@@ -346,12 +404,29 @@ class Consumer:
         message._publisher = self.publisher
         message._reply_to_allow = self.settings.reply_to_allow
         message._channel = self.channels_opened
-        started = self.monotonic()
-        delivery = Delivery(acks, message, started)
+        delivery = Delivery(acks, message)
         self.inflight.add(delivery)
         if type(properties.headers) is UndecodableHeaders:
             self._undecodable(delivery, properties.headers)
             return
+        if paused is not None:
+            if any(d.probe for d in self.inflight):
+                self._settle(delivery, Outcome.REQUEUED)  # one probe at a time
+                return
+            delivery.probe = True
+        if self._running >= self.settings.concurrency:
+            delivery.phase = Phase.WAITING
+            self._waiting.append(delivery)
+            return
+        self._run(delivery)
+
+    def _run(self, delivery: Delivery) -> None:
+        """Run the handler on one message; it holds a --concurrency slot until it is done."""
+        delivery.phase = Phase.HANDLING
+        delivery.running = True
+        self._running += 1
+        message = delivery.message
+        delivery.started = started = self.monotonic()
         try:
             result = self.invoke(message)
         except Exception:
@@ -427,8 +502,13 @@ class Consumer:
     def _succeeded(self, _result: object, delivery: Delivery) -> None:
         if delivery.abandoned:
             return
-        self.on_handled(self.monotonic() - delivery.started)
+        if delivery.phase is Phase.HANDLING:
+            self.on_handled(self.monotonic() - delivery.started)
+            self._release(delivery)
         _stop_timer(delivery)
+        self._failures_in_row = 0
+        if delivery.probe:
+            self.resume()
         publishes = delivery.message._publishes
         if not publishes:
             self._settle(delivery, Outcome.ACKED)
@@ -447,12 +527,15 @@ class Consumer:
             return
         if delivery.phase is Phase.HANDLING:
             self.on_handled(self.monotonic() - delivery.started)
+            self._release(delivery)
         _stop_timer(delivery)
         message = delivery.message
         if message._publishes:
             _account_for(message._publishes)
             for _, settled in message._publishes:
                 settled.addErrback(lambda _: None)
+        if self._not_an_attempt(failure, delivery):
+            return
         retries = retries_of(message.headers)
         timeout = self.settings.handler_timeout if delivery.timed_out else None
         error = failure.value
@@ -478,6 +561,203 @@ class Consumer:
             # Expected in a service's life, so a warning; the traceback shows where.
             log.failure(text, failure, level=LogLevel.warn, **fields)
         self._park(delivery, decision, retries)
+
+    def _not_an_attempt(self, failure: Failure, delivery: Delivery) -> bool:
+        """Pause, or hand the message back unharmed, when the failure is the downstream's.
+
+        True when the message was handed back: a failure while paused or
+        during a probe, and `Pause` itself, is no attempt of the message's.
+        """
+        error = failure.value
+        if isinstance(error, Pause) or self.paused is not None or delivery.probe:
+            reason = describe_failure(error) if error is not None else "?"
+            if isinstance(error, Pause):
+                self.pause(reason, delay=error.delay)
+            elif delivery.probe:
+                self._probe_failed(reason)
+            log.info(
+                "Handing {message_name} back unharmed (paused): {reason}",
+                **_names(delivery.message),
+                reason=reason,
+            )
+            self._settle(delivery, Outcome.REQUEUED)
+            return True
+        if not isinstance(error, Reject):
+            self._failures_in_row += 1
+            limit = self.settings.pause_after
+            if limit and self._failures_in_row >= limit and error is not None:
+                # This failure still counts (it is retried as usual); the next ones wait.
+                self.pause(
+                    f"{self._failures_in_row} failures in a row, the last: {describe_failure(error)}"
+                )
+        return False
+
+    # -- pausing: a downstream is down
+
+    def pause(self, cause: str, *, delay: float | None = None, by_operator: bool = False) -> None:
+        """Take no new messages; those in flight finish; try one again after a backoff."""
+        if self.paused is not None:
+            if by_operator and not self.paused.by_operator:
+                self.paused.by_operator = True
+                self.paused.cause = cause
+                _cancel(self.paused.timer)
+                self.on_paused(cause)
+            return
+        s = self.settings
+        if delay is None:
+            delay = self._pause_delay or min(s.pause_max, max(1.0, s.retry_delay))
+        self._pause_delay = min(s.pause_max, delay * 2)
+        self.paused = Paused(cause, by_operator=by_operator, delay=delay)
+        self._unsubscribe()
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            self._settle(waiter, Outcome.REQUEUED)
+        if by_operator:
+            log.warn("Paused: {cause}; send SIGCONT to resume", cause=cause, pause_cause=cause)
+        else:
+            log.warn(
+                "Paused: {cause}; no new messages until one succeeds again, trying one in {delay:g}s",
+                cause=cause,
+                delay=delay,
+                pause_cause=cause,
+            )
+            self._schedule_probe()
+        self.on_paused(cause)
+
+    def resume(self) -> None:
+        """Take messages at full speed again (after a probe succeeded, or by the operator)."""
+        paused, self.paused = self.paused, None
+        if paused is None:
+            return
+        _cancel(paused.timer)
+        self._pause_delay = 0.0
+        self._failures_in_row = 0
+        log.info("Resuming after a pause ({cause})", cause=paused.cause)
+        self._unsubscribe()
+        self._subscribe(self.settings.prefetch)
+        self.on_paused(None)
+
+    def _schedule_probe(self) -> None:
+        paused = self.paused
+        if paused is None or paused.by_operator or paused.probing:
+            return
+        _cancel(paused.timer)
+        paused.timer = self.clock.callLater(paused.delay, self._probe)
+
+    def _probe(self) -> None:
+        """Subscribe for one message: whether it succeeds says whether the downstream is back."""
+        paused = self.paused
+        if paused is None:
+            return
+        paused.timer = None
+        if self.state is not ConsumerState.CONSUMING or self.channel is None:
+            return  # attach() schedules the next probe once connected again
+        paused.probing = True
+        log.info("Paused: trying one message ({cause})", cause=paused.cause)
+        self._subscribe(1)
+
+    def _probe_failed(self, reason: str) -> None:
+        paused = self.paused
+        if paused is None:
+            return
+        paused.probing = False
+        paused.delay = self._pause_delay or paused.delay
+        self._pause_delay = min(self.settings.pause_max, paused.delay * 2)
+        self._unsubscribe()
+        log.warn(
+            "Still paused: the probe failed ({reason}); trying again in {delay:g}s",
+            reason=reason,
+            delay=paused.delay,
+        )
+        self._schedule_probe()
+
+    def _subscribe(self, prefetch: int) -> None:
+        channel = self.channel
+        if channel is None or not channel.is_open or self.consumer_tag is not None:
+            return
+
+        def consume(_: object) -> Deferred[str]:
+            return channel.consume(self.settings.queue, self._on_message)
+
+        def subscribed(tag: str) -> None:
+            if channel is self.channel:
+                self.consumer_tag = tag
+                self.last_delivery = self.clock.seconds()
+
+        # Per-consumer QoS applies to consumers subscribed after it.
+        d = channel.qos(prefetch).addCallback(consume)
+        d.addCallbacks(subscribed, lambda failure: log.debug("Subscribing failed: {f}", f=failure))
+
+    def _unsubscribe(self) -> None:
+        if self.channel is not None and self.consumer_tag is not None:
+            self.channel.cancel(self.consumer_tag).addErrback(lambda _: None)
+        self.consumer_tag = None
+
+    # -- connected but consuming nothing
+
+    def _start_stall_check(self) -> None:
+        if self.settings.stall_check and self._stall_check is None:
+            self._stall_check = LoopingCall(self._check_stall)
+            self._stall_check.clock = self.clock
+            self._stall_check.start(self.settings.stall_check, now=False)
+
+    def _stop_stall_check(self) -> None:
+        if self._stall_check is not None and self._stall_check.running:
+            self._stall_check.stop()
+        self._stall_check = None
+
+    def _check_stall(self) -> None:
+        """No delivery for a whole interval though we had room: does the queue hold ready messages?"""
+        s = self.settings
+        connection = self.connection
+        if (
+            connection is None
+            or self.state is not ConsumerState.CONSUMING
+            or self.paused is not None
+            or self.consumer_tag is None
+            or len(self.inflight) >= min(s.concurrency, s.prefetch)
+            or self.clock.seconds() - self.last_delivery < s.stall_check
+        ):
+            return
+
+        def check(channel: Channel) -> Deferred[Any]:
+            def close(result: object) -> object:
+                channel.close()
+                return result
+
+            return channel.declare_queue(s.queue, passive=True, arguments={}).addBoth(close)
+
+        def judge(frame: Any) -> None:
+            ready = int(frame.method.message_count)
+            idle = self.clock.seconds() - self.last_delivery
+            if ready and idle >= s.stall_check and self.connection is connection:
+                self.state = ConsumerState.IDLE
+                self.on_lost(
+                    f"no delivery for {idle:.0f}s though queue {s.queue!r} holds {ready} ready "
+                    f"message(s) and {len(self.inflight)} of ours are in flight (the broker no "
+                    f"longer delivers to us: --stall-check)"
+                )
+
+        d = connection.open_channel().addCallback(check).addCallback(judge)
+        d.addErrback(lambda failure: log.debug("Stall check failed: {f}", f=failure))
+
+    # -- concurrency
+
+    def _release(self, delivery: Delivery) -> None:
+        """The handler is done: its slot goes to the next waiting message."""
+        if not delivery.running:
+            return
+        delivery.running = False
+        self._running -= 1
+        if self._waiting and not self._starting:
+            self._starting = True
+            try:
+                while self._waiting and self._running < self.settings.concurrency:
+                    waiter = self._waiting.popleft()
+                    if waiter.phase is Phase.WAITING:
+                        self._run(waiter)
+            finally:
+                self._starting = False
 
     def _park(self, delivery: Delivery, decision: Decision, retries: int) -> None:
         """Publish a confirmed copy to a retry queue or the dead-letter queue, then ack."""
@@ -621,6 +901,7 @@ class Consumer:
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         if delivery.phase is Phase.SETTLED:
             return
+        self._release(delivery)
         delivery.phase = Phase.SETTLED
         delivery.timer = None
         self.inflight.discard(delivery)
@@ -652,9 +933,13 @@ class Consumer:
         their handlers' results ignored. Fires when nothing is in flight.
         """
         self.state = ConsumerState.DRAINING
-        if self.channel is not None and self.consumer_tag is not None:
-            self.channel.cancel(self.consumer_tag).addErrback(lambda _: None)
-            self.consumer_tag = None
+        self._stop_stall_check()
+        self._unsubscribe()
+        if self.paused is not None:
+            _cancel(self.paused.timer)
+        waiting, self._waiting = self._waiting, deque()
+        for delivery in waiting:
+            self._settle(delivery, Outcome.REQUEUED)  # never started: nothing to finish
         suspects, self._suspects = self._suspects, deque()
         self._isolating = False
         for delivery, _, _ in suspects:
@@ -721,6 +1006,11 @@ def _names(message: Message) -> dict[str, Any]:
         "channel": message._channel,
         "tag": message.delivery_tag,
     }
+
+
+def _cancel(timer: IDelayedCall | None) -> None:
+    if timer is not None and timer.active():
+        timer.cancel()
 
 
 def _stop_timer(delivery: Delivery) -> None:

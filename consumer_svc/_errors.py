@@ -20,6 +20,20 @@ class Retry(Exception):
         self.delay = delay
 
 
+class Pause(Exception):
+    """Raised by a handler: a downstream is down; hand the message back unharmed and pause.
+
+    The service takes no new messages, lets those in flight finish, and after
+    ``delay`` seconds (default: the pause backoff) tries one message again.
+    """
+
+    def __init__(self, reason: str = "", *, delay: float | None = None) -> None:
+        super().__init__(reason or "pause requested")
+        if delay is not None and not 0 < delay <= 86400:
+            raise ValueError(f"Pause delay must be from 0 to 1 day in seconds, got {delay!r}")
+        self.delay = delay
+
+
 class UndecodableBody(Reject, ValueError):
     """The body could not be decoded (e.g. by ``Message.json()``): parked after one attempt."""
 

@@ -109,6 +109,14 @@ class Metrics:
             "The current reconnect backoff (0 while connected).",
             registry=self.registry,
         )
+        self.paused = Gauge(
+            "consumer_paused",
+            "1 while the consumer is paused (a failing downstream, or the operator).",
+            registry=self.registry,
+        )
+        self.pauses = Counter(
+            "consumer_pauses", "Times the consumer paused.", registry=self.registry
+        )
         self.last_ack = Gauge(
             "consumer_last_ack_timestamp_seconds",
             "Unix time of the last ack sent.",

@@ -113,6 +113,7 @@ class ConsumerService(Service):
         random: Callable[[], float] = random.random,
         exit: Callable[[ExitStatus], None] | None = None,
         notifier: Notifier | None = None,
+        signals: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -139,6 +140,9 @@ class ConsumerService(Service):
         self.consumer.on_outcome = self.metrics.settled
         self.consumer.on_handled = self.metrics.handled
         self.consumer.on_fatal = self._fatal
+        self.consumer.on_paused = self._paused
+        #: Install SIGTSTP (pause) and SIGCONT (resume) handlers when started.
+        self._signals = signals
         self.factory = AMQPFactory(
             settings.urls,
             lambda url: connection_parameters(
@@ -170,11 +174,38 @@ class ConsumerService(Service):
             prefetch=s.prefetch,
         )
         self.threadpool.start()
+        if self._signals:
+            self._install_pause_signals()
         if self.notifier.watchdog_interval:
             self._watchdog = LoopingCall(self._watchdog_ping)
             self._watchdog.clock = self._reactor
             self._watchdog.start(self.notifier.watchdog_interval, now=False)
         self.factory.connect()
+
+    def _install_pause_signals(self) -> None:
+        """SIGTSTP pauses the consumer (no probes), SIGCONT resumes it: the operator's switch."""
+        import signal
+
+        def pause(signum: int, frame: object) -> None:
+            self._reactor.callFromThread(
+                self.consumer.pause, "paused by the operator (SIGTSTP)", by_operator=True
+            )
+
+        def resume(signum: int, frame: object) -> None:
+            if self.consumer.paused is not None and self.consumer.paused.by_operator:
+                self._reactor.callFromThread(self.consumer.resume)
+
+        signal.signal(signal.SIGTSTP, pause)
+        signal.signal(signal.SIGCONT, resume)
+
+    def _paused(self, cause: str | None) -> None:
+        """The consumer paused (with its cause) or resumed (None): tell everyone who watches."""
+        self.metrics.paused.set(0 if cause is None else 1)
+        if cause is None:
+            self.notifier.notify(STATUS=f"Consuming queue {self.settings.queue}")
+        else:
+            self.metrics.pauses.inc()
+            self.notifier.notify(STATUS=f"Paused: {cause}")
 
     def _watchdog_ping(self) -> None:
         # This runs, so the reactor is responsive; the connection is healthy
@@ -302,6 +333,9 @@ class ConsumerService(Service):
     def readiness(self) -> tuple[bool, str]:
         """Ready while consuming; the state in words either way (for /readyz)."""
         state = self.state.value + (", blocked by the broker" if self.blocked else "")
+        paused = self.consumer.paused
+        if self.state is State.CONSUMING and paused is not None:
+            return False, f"paused: {paused.cause}"
         return self.state is State.CONSUMING, state
 
     def health_site(self) -> HealthFactory:

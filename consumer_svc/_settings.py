@@ -212,9 +212,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue", None, "The queue to consume (required)."),
     Option("handler", None, "The handler, package.module:function (default: log and ack)."),
     Option(
-        "prefetch",
+        "concurrency",
         "10",
-        "Messages handled at once (the consumer's QoS prefetch count).",
+        "At most this many handlers run at once.",
+        _integer(1, 65535),
+    ),
+    Option(
+        "prefetch",
+        None,
+        "Messages the broker may send ahead (QoS prefetch count; default: twice --concurrency,"
+        " so the next message is there when a handler finishes).",
         _integer(1, 65535),
     ),
     Option(
@@ -230,6 +237,26 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(0, 86400),
     ),
     Option("threads", "10", "Size of the thread pool for @blocking handlers.", _integer(1, 1000)),
+    Option(
+        "pause-after",
+        "10",
+        "Pause after this many failures in a row (a downstream is down; not counting Reject);"
+        " 0 never pauses.",
+        _integer(0, 1000000),
+    ),
+    Option(
+        "pause-max",
+        "300",
+        "The longest wait between two probes while paused, in seconds.",
+        _seconds(1, 86400),
+    ),
+    Option(
+        "stall-check",
+        "60",
+        "Every this many seconds, check that a queue with ready messages still delivers to us;"
+        " 0 never checks.",
+        _seconds(0, 86400),
+    ),
     Option(
         "connect-timeout",
         "15",
@@ -344,10 +371,15 @@ class Settings:
     #: Every broker URL, ``url`` first; reconnects go round them.
     urls: tuple[BrokerURL, ...] = ()
     handler: str | None = None
-    prefetch: int = 10
+    concurrency: int = 10
+    #: 0: twice ``concurrency`` (set in __post_init__).
+    prefetch: int = 0
     heartbeat: int = 30
     shutdown_timeout: float = 30.0
     threads: int = 10
+    pause_after: int = 10
+    pause_max: float = 300.0
+    stall_check: float = 60.0
     connect_timeout: float = 15.0
     reconnect_initial: float = 1.0
     reconnect_max: float = 30.0
@@ -371,6 +403,8 @@ class Settings:
     reply_to_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.prefetch:
+            object.__setattr__(self, "prefetch", min(65535, 2 * self.concurrency))
         if not self.urls:
             object.__setattr__(self, "urls", (self.url,))
         if not self.dead_letter_queue:

@@ -120,7 +120,7 @@ def makeService(options: Options) -> IService:
     from ._service import ConsumerService
 
     top = _Top(_logging(options))
-    consumer = ConsumerService(options.settings, options.handler)
+    consumer = ConsumerService(options.settings, options.handler, signals=True)
     consumer.setServiceParent(top)
     s = options.settings
     if s.health_port is not None:

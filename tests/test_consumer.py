@@ -37,17 +37,23 @@ class FakeChannel:
         self.on_message: Any = None
         self.cancelled = False
         self.refuse_declares: Exception | None = None
+        self.prefetches: list[int] = []
+        self.subscriptions = 0
+        #: The ready messages a (passive) declare reports.
+        self.ready = 0
 
     def declare_queue(self, queue: str, *, passive: bool = False, arguments: Any) -> Deferred[Any]:
         if self.refuse_declares is not None:
             return fail(self.refuse_declares)
         self.declared[queue] = arguments
-        return succeed(None)
+        frame = type("DeclareOk", (), {"message_count": self.ready})
+        return succeed(type("Frame", (), {"method": frame}))
 
     def close(self) -> None:
         self.is_open = False
 
     def qos(self, prefetch: int) -> Deferred[Any]:
+        self.prefetches.append(prefetch)
         return succeed(None)
 
     def confirm(self) -> Deferred[Any]:
@@ -66,7 +72,9 @@ class FakeChannel:
 
     def consume(self, queue: str, on_message: Any) -> Deferred[str]:
         self.on_message = on_message
-        return succeed("ctag")
+        self.subscriptions += 1
+        self.cancelled = False
+        return succeed(f"ctag{self.subscriptions}")
 
     def cancel(self, tag: str) -> Deferred[Any]:
         self.cancelled = True
@@ -119,6 +127,8 @@ class FakeConnection:
         self.lost = False
         #: Makes each declare on a channel of its own fail with this, if set.
         self.refuse_declares: Exception | None = None
+        #: The ready messages a declare on a channel of its own reports.
+        self.ready = 0
 
     def open_channel(self) -> Deferred[FakeChannel]:
         if self.channels:
@@ -126,6 +136,7 @@ class FakeConnection:
         else:  # a channel of its own for a declare
             channel = FakeChannel()
             channel.refuse_declares = self.refuse_declares
+            channel.ready = self.ready
         self.opened.append(channel)
         return succeed(channel)
 
@@ -159,6 +170,7 @@ SETTINGS = Settings(
     dead_letter_queue="q.dead",
     max_retries=2,
     retry_delay=5.0,
+    stall_check=0,
 )
 
 
@@ -166,13 +178,23 @@ class Setup:
     """A consumer attached to fake channels, with a Clock."""
 
     def __init__(
-        self, behaviour: Callable[[Message], Any], refuse_declares: Exception | None = None
+        self,
+        behaviour: Callable[[Message], Any],
+        refuse_declares: Exception | None = None,
+        **settings: Any,
     ) -> None:
         self.clock = Clock()
         self.publisher = FakeChannel(self.clock)
         self.channel = FakeChannel(self.clock)
         self.lost: list[str] = []
-        self.consumer = Consumer(SETTINGS, Invoke(behaviour), self.clock, self.lost.append)  # type: ignore[arg-type]
+        self.paused: list[str | None] = []
+        self.consumer = Consumer(
+            dataclasses.replace(SETTINGS, **settings),
+            Invoke(behaviour),  # type: ignore[arg-type]
+            self.clock,
+            self.lost.append,
+            on_paused=self.paused.append,
+        )
         self.connection = FakeConnection(self.publisher, self.channel)
         self.connection.refuse_declares = refuse_declares
         self.consumer.attach(self.connection)  # type: ignore[arg-type]
@@ -757,3 +779,180 @@ def test_a_hostile_message_id_cannot_forge_log_lines() -> None:
     assert "\u202e" not in message.name
     assert message.name.startswith("message 'evil\\n[consumer_svc#info] Stopped\\u202e")
     assert len(message.name) < 100
+
+
+# -- concurrency apart from prefetch
+
+
+def test_no_more_handlers_run_than_the_concurrency_and_the_rest_wait_in_order() -> None:
+    """With --concurrency 2, the third and fourth deliveries wait; each finish starts the next."""
+    pending: dict[int, Deferred[None]] = {}
+
+    def slow(message: Message) -> Deferred[None]:
+        pending[message.delivery_tag] = Deferred()
+        return pending[message.delivery_tag]
+
+    setup = Setup(slow, concurrency=2)
+    for tag in (1, 2, 3, 4):
+        setup.channel.deliver(tag)
+    assert setup.consumer.invoke.seen == [1, 2]  # type: ignore[attr-defined]
+    pending[1].callback(None)
+    assert setup.consumer.invoke.seen == [1, 2, 3]  # type: ignore[attr-defined]
+    # The ack covers message 1 only: 2 and 3 run, 4 waits, none of them is acked.
+    assert setup.channel.settled == [("ack", 1)]
+    for tag in (2, 3):
+        pending[tag].callback(None)
+    pending[4].callback(None)
+    assert setup.channel.settled[-1] == ("ack up to", 4)
+
+
+def test_prefetch_defaults_above_concurrency_so_messages_wait_ready() -> None:
+    """The consumer asks the broker for twice --concurrency messages ahead."""
+    setup = Setup(lambda m: None, concurrency=3, prefetch=0)
+    assert setup.channel.prefetches == [6]
+
+
+def test_waiting_messages_are_handed_back_at_once_on_stop() -> None:
+    """A drain hands back what never started and waits only for running handlers."""
+    pending: Deferred[None] = Deferred()
+    setup = Setup(lambda m: pending, concurrency=1)
+    setup.channel.deliver(1)
+    setup.channel.deliver(2)
+    drained = setup.consumer.drain(30)
+    assert setup.channel.settled == [("requeue", 2)]
+    pending.callback(None)
+    assert drained.called
+    assert setup.channel.settled[-1] == ("ack", 1)
+
+
+# -- pausing on a failing downstream
+
+
+def test_enough_failures_in_a_row_pause_then_a_probe_resumes() -> None:
+    """Three failures in a row pause; the probe after the retry delay succeeds, and consuming resumes at full prefetch."""
+    down = {"db": True}
+
+    def handler(message: Message) -> None:
+        if down["db"]:
+            raise RuntimeError("db down")
+
+    setup = Setup(handler, pause_after=3)
+    for tag in (1, 2, 3):
+        setup.channel.deliver(tag)
+    assert setup.paused == ["3 failures in a row, the last: RuntimeError: db down"]
+    assert setup.channel.cancelled
+    # The three failures were attempts: each went to a retry queue.
+    assert [p[0] for p in setup.publisher.published] == ["q.retry.5s"] * 3
+    setup.channel.deliver(4)  # between our cancel and the broker's cancel-ok
+    assert ("requeue", 4) in setup.channel.settled
+    setup.clock.advance(5)
+    assert setup.channel.prefetches[-1] == 1
+    down["db"] = False
+    setup.channel.deliver(5)
+    assert setup.paused[-1] is None
+    assert setup.channel.prefetches[-1] == SETTINGS.prefetch
+    assert setup.channel.settled[-1] == ("ack", 5)
+    assert setup.consumer.paused is None
+
+
+def test_a_failed_probe_hands_the_message_back_and_waits_twice_as_long() -> None:
+    """A probe that fails is no attempt (no retry copy); the next probe comes after double the wait."""
+    setup = Setup(failing(RuntimeError("db down")), pause_after=1)
+    setup.channel.deliver(1)
+    published = len(setup.publisher.published)
+    setup.clock.advance(5)
+    setup.channel.deliver(2)
+    assert setup.channel.settled[-1] == ("requeue", 2)
+    assert len(setup.publisher.published) == published
+    assert setup.channel.subscriptions == 2  # the first one, then the probe at 5 s
+    setup.clock.advance(9.9)
+    assert setup.channel.subscriptions == 2
+    setup.clock.advance(0.1)
+    assert setup.channel.subscriptions == 3
+    assert setup.channel.prefetches[-1] == 1
+
+
+def test_a_handler_can_ask_for_a_pause() -> None:
+    """Pause("db down", delay=30) hands its message back unharmed and probes after 30 s."""
+    from consumer_svc import Pause
+
+    setup = Setup(failing(Pause("db down", delay=30)))
+    setup.channel.deliver(1)
+    assert setup.channel.settled == [("requeue", 1)]
+    assert setup.publisher.published == []
+    assert setup.paused == ["Pause: db down"]
+    setup.clock.advance(29)
+    assert setup.channel.subscriptions == 1
+    setup.clock.advance(1)
+    assert setup.channel.subscriptions == 2
+
+
+def test_poison_messages_among_good_ones_never_pause() -> None:
+    """A failure between successes is a bad message, not a downstream outage: retried, never paused."""
+    setup = Setup(lambda m: m.json(), pause_after=2)
+    for tag in range(1, 9):
+        setup.channel.deliver(tag, body=b"{}" if tag % 2 else b"not json")
+    assert setup.paused == []
+    setup2 = Setup(
+        lambda m: (_ for _ in ()).throw(RuntimeError("x")) if m.delivery_tag % 2 else None,
+        pause_after=2,
+    )
+    for tag in range(1, 9):
+        setup2.channel.deliver(tag)
+    assert setup2.paused == []
+
+
+def test_rejects_in_a_row_do_not_pause() -> None:
+    """Reject is about the message: parked at once, however many in a row."""
+    setup = Setup(failing(Reject("bad")), pause_after=2)
+    for tag in range(1, 6):
+        setup.channel.deliver(tag)
+    assert setup.paused == []
+    assert [p[0] for p in setup.publisher.published] == ["q.dead"] * 5
+
+
+def test_the_operator_pauses_and_resumes_without_probes() -> None:
+    """An operator's pause takes no messages and schedules nothing until resumed."""
+    setup = Setup(lambda m: None)
+    setup.consumer.pause("paused by the operator", by_operator=True)
+    assert setup.clock.getDelayedCalls() == []
+    setup.channel.deliver(1)
+    assert setup.channel.settled == [("requeue", 1)]
+    setup.consumer.resume()
+    assert setup.paused == ["paused by the operator", None]
+    setup.channel.deliver(2)
+    assert setup.channel.settled[-1] == ("ack", 2)
+
+
+def test_stopping_while_paused_leaves_no_timer() -> None:
+    """A drain cancels the next probe."""
+    setup = Setup(failing(RuntimeError("down")), pause_after=1)
+    setup.channel.deliver(1)
+    setup.consumer.drain(30)
+    setup.clock.advance(0)  # the acks' flush
+    assert setup.clock.getDelayedCalls() == []
+
+
+def test_a_subscription_that_delivers_nothing_while_messages_wait_is_recovered() -> None:
+    """No delivery for a whole --stall-check interval with room to spare and ready messages: reported lost."""
+    setup = Setup(lambda m: None, stall_check=60)
+    setup.connection.ready = 5
+    setup.clock.advance(60)
+    [reason] = setup.lost
+    assert "no delivery for 60s though queue 'q' holds 5 ready message(s)" in reason
+
+
+def test_an_idle_queue_is_no_stall() -> None:
+    """Nothing delivered because nothing is ready: all is well."""
+    setup = Setup(lambda m: None, stall_check=60)
+    setup.clock.advance(180)
+    assert setup.lost == []
+
+
+def test_busy_handlers_are_no_stall() -> None:
+    """With every slot taken, no delivery is expected, whatever waits in the queue."""
+    setup = Setup(lambda m: Deferred(), stall_check=60, concurrency=1, prefetch=1)
+    setup.channel.deliver(1)
+    setup.connection.ready = 5
+    setup.clock.advance(60)
+    assert setup.lost == []

@@ -29,7 +29,8 @@ def refused(
 def test_defaults() -> None:
     """Only --queue is needed; everything else has a documented default."""
     s = parse(["--queue", "task_queue"]).settings
-    assert (s.queue, s.prefetch, s.heartbeat, s.shutdown_timeout) == ("task_queue", 10, 30, 30.0)
+    assert (s.queue, s.prefetch, s.heartbeat, s.shutdown_timeout) == ("task_queue", 20, 30, 30.0)
+    assert (s.concurrency, s.pause_after, s.pause_max, s.stall_check) == (10, 10, 300.0, 60.0)
     assert (s.url.host, s.url.port, s.url.vhost, s.url.username) == (
         "localhost",
         5672,
@@ -220,3 +221,10 @@ def test_url_and_url_file_together_are_refused(
         "cannot read --url-file"
         in refused(capsys, ["--queue", "q", "--url-file", str(tmp_path / "none")])[1]
     )
+
+
+def test_prefetch_defaults_to_twice_the_concurrency() -> None:
+    """The next message is there when a handler finishes; an explicit prefetch stands."""
+    assert parse(["--queue", "q", "--concurrency", "50"]).settings.prefetch == 100
+    assert parse(["--queue", "q", "--concurrency", "40000"]).settings.prefetch == 65535
+    assert parse(["--queue", "q", "--concurrency", "5", "--prefetch", "7"]).settings.prefetch == 7
