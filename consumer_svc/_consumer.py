@@ -667,10 +667,19 @@ class Consumer:
         self._deadline = self.clock.callLater(timeout, self._give_up)
         return self._drained
 
-    def _give_up(self) -> None:
+    def hurry(self) -> None:
+        """Reach the shutdown deadline now (a second signal): hand back what is in flight."""
+        if self._drained is None:
+            return
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._give_up(now=True)
+
+    def _give_up(self, now: bool = False) -> None:
         self._deadline = None
         log.warn(
-            "Shutdown deadline reached with {count} message(s) in flight; handing them back",
+            "{when} with {count} message(s) in flight; handing them back",
+            when="Stopping at once" if now else "Shutdown deadline reached",
             count=len(self.inflight),
         )
         for delivery in list(self.inflight):

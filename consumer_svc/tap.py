@@ -88,7 +88,7 @@ def makeService(options: Options) -> IService:
     from ._service import ConsumerService
 
     top = MultiService()
-    consumer = ConsumerService(options.settings, options.handler)
+    consumer = ConsumerService(options.settings, options.handler, signals=True)
     consumer.setServiceParent(top)
     s = options.settings
     if s.health_port is not None:
