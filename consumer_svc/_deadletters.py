@@ -33,7 +33,15 @@ from . import _codec
 from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
-from ._settings import BY_NAME, DEFAULT_URL, BrokerURL, Connection, redact, resolve_connection
+from ._settings import (
+    BY_NAME,
+    DEFAULT_URL,
+    BrokerURL,
+    Connection,
+    check_tls_files,
+    redact,
+    resolve_connection,
+)
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).
 NO_INPUT = 66  # EX_NOINPUT: the dead-letter queue (or the work queue) does not exist
@@ -225,41 +233,14 @@ def tls_context(connection: Connection) -> ssl.SSLContext:
     """TLS as the service does it: the chain verified against --tls-ca (else the system's
     trust store) and the host name; with --tls-cert and --tls-key, a client certificate.
 
-    Every file is loaded here, before connecting: a bad one is a `ConfigurationError`
-    naming it.
+    The files were checked by `resolve_connection` (`check_tls_files`), so a bad one
+    was already a `ConfigurationError` naming it.
     """
-    try:
-        context = ssl.create_default_context(cafile=connection.tls_ca)
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigurationError(
-            f"--tls-ca {connection.tls_ca!r} holds no usable CA certificate (PEM): {_ssl_text(e)}"
-        ) from None
-    cert, key = connection.tls_cert, connection.tls_key
-    if cert and key:
-        try:
-            with open(cert, encoding="ascii", errors="replace") as f:
-                ssl.PEM_cert_to_DER_cert(f.read())
-        except (ValueError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-cert {cert!r} holds no certificate (PEM): {_ssl_text(e)}"
-            ) from None
-        try:
-            # No password prompt: an encrypted key fails here, as it does for the service.
-            context.load_cert_chain(cert, key, password=lambda: b"")
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-key {key!r} is not a usable private key for --tls-cert {cert!r}: "
-                f"{_ssl_text(e)}"
-            ) from None
+    check_tls_files(connection.tls_ca, connection.tls_cert, connection.tls_key)
+    context = ssl.create_default_context(cafile=connection.tls_ca)
+    if connection.tls_cert and connection.tls_key:
+        context.load_cert_chain(connection.tls_cert, connection.tls_key, password=lambda: b"")
     return context
-
-
-def _ssl_text(error: BaseException) -> str:
-    if isinstance(error, ssl.SSLError) and error.reason:
-        return str(error.reason)
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error)
 
 
 def connection_parameters(
