@@ -75,7 +75,7 @@ def json_lines(out: IO[str] | None = None) -> Callable[[LogEvent], None]:
                 record[key] = redact(value) if isinstance(value, str) else value
         failure = event.get("log_failure")
         if failure is not None:
-            record["traceback"] = failure.getTraceback()
+            record["traceback"] = redact(failure.getTraceback())
         stream.write(json.dumps(record, default=str) + "\n")
         stream.flush()
 

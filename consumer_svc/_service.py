@@ -31,6 +31,7 @@ from ._handler import Handler, Invoker
 from ._health import Metrics, health_site
 from ._log import bridge_pika_logging
 from ._notify import Notifier
+from ._secrets import install as install_redaction
 from ._settings import Settings
 
 log = Logger(namespace="consumer_svc")
@@ -186,6 +187,7 @@ class ConsumerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        install_redaction()
         bridge_pika_logging()
         s = self.settings
         log.info(

@@ -11,6 +11,9 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from ._errors import ConfigurationError
+from ._secrets import redact, remember
+
+__all__ = ["redact"]  # re-exported: the one redaction point lives in _secrets
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 CONFIG_SECTION = "consumer"
@@ -61,6 +64,8 @@ def parse_url(url: str) -> BrokerURL:
     # literal "/" in the vhost name is written %2F.
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     vhost = unquote(path) if path else "/"
+    if parts.password is not None:
+        remember(unquote(parts.password))
     return BrokerURL(
         scheme=parts.scheme,
         host=host,
@@ -70,14 +75,6 @@ def parse_url(url: str) -> BrokerURL:
         password=unquote(parts.password) if parts.password is not None else "guest",
         has_credentials=parts.password is not None,
     )
-
-
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?P<at>@)", re.I)
-
-
-def redact(text: str) -> str:
-    """Replace the password of every URL in ``text`` with ``***``."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<at>", text)
 
 
 # -- conversions: each takes the raw string and the option name, and raises

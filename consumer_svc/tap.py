@@ -12,6 +12,8 @@ from twisted.python import usage
 
 from ._errors import ExitStatus, FatalError
 from ._handler import Handler, load_handler, log_message
+from ._secrets import install as install_redaction
+from ._secrets import redact
 from ._settings import OPTIONS, Settings, resolve
 
 
@@ -78,7 +80,7 @@ class Options(usage.Options):
 
 
 def _exit_with(status: ExitStatus, message: str) -> None:
-    sys.stderr.write(f"twistd consumer: error: {message}\n")
+    sys.stderr.write(f"twistd consumer: error: {redact(message)}\n")
     sys.stderr.flush()
     raise SystemExit(int(status))
 
@@ -87,6 +89,7 @@ def makeService(options: Options) -> IService:
     """Wire the service tree; nothing connects until it is started."""
     from ._service import ConsumerService
 
+    install_redaction()  # before twistd's log observers start: they see only masked events
     top = MultiService()
     consumer = ConsumerService(options.settings, options.handler, signals=True)
     consumer.setServiceParent(top)

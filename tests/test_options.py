@@ -209,3 +209,13 @@ def test_url_and_url_file_together_are_refused(
         "cannot read --url-file"
         in refused(capsys, ["--queue", "q", "--url-file", str(tmp_path / "none")])[1]
     )
+
+
+def test_a_password_with_a_raw_at_sign_is_masked_whole_in_start_up_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A bad URL whose password holds a raw "@" is quoted with all of the password masked."""
+    code, err = refused(capsys, ["--queue", "q", "--url", "amqpx://user:p@ss-w0rd@host/"])
+    assert code == ExitStatus.CONFIG
+    assert "ss-w0rd" not in err
+    assert "user:***@host" in err

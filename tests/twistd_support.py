@@ -18,15 +18,22 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 class Twistd:
     """A `twistd -n consumer` subprocess with its log in a file."""
 
-    def __init__(self, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.log = tmp / "twistd.log"
-        self.record = tmp / "record.txt"
+    def __init__(
+        self,
+        tmp: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        twistd_args: tuple[str, ...] = (),
+        name: str = "",
+    ) -> None:
+        self.log = tmp / f"twistd{name}.log"
+        self.record = tmp / f"record{name}.txt"
         self.record.touch()
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
         environ.update({"RECORD": str(self.record), "PYTHONPATH": str(TESTS)}, **(env or {}))
         self._out = open(self.log, "wb")  # noqa: SIM115 (closed in wait)
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "consumer", *args],
+            [TWISTD, "-n", "--pidfile=", *twistd_args, "consumer", *args],
             cwd=tmp,
             env=environ,
             stdout=self._out,
@@ -69,8 +76,10 @@ class Twistd:
 def twistd(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
     started: list[Twistd] = []
 
-    def start(args: list[str], env: dict[str, str] | None = None) -> Twistd:
-        process = Twistd(tmp_path, args, env)
+    def start(
+        args: list[str], env: dict[str, str] | None = None, twistd_args: tuple[str, ...] = ()
+    ) -> Twistd:
+        process = Twistd(tmp_path, args, env, twistd_args, name=str(len(started) or ""))
         started.append(process)
         return process
 
