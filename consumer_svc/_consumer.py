@@ -10,6 +10,7 @@ even if its handler later succeeds.
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +29,15 @@ from ._acks import Acks
 from ._amqp import AMQPConnection, Channel
 from ._codec import UndecodableHeaders, encodable
 from ._copies import copy_properties, note_stripped, safe_headers
-from ._errors import AccessRefused, FatalError, PublishRefused, Reject, Retry, TopologyMismatch
+from ._errors import (
+    AccessRefused,
+    ConfigurationError,
+    FatalError,
+    PublishRefused,
+    Reject,
+    Retry,
+    TopologyMismatch,
+)
 from ._handler import Invoker
 from ._message import Message
 from ._publisher import Publisher
@@ -50,6 +59,8 @@ log = Logger(namespace="consumer_svc.consumer")
 
 #: A non-blocking handler that holds the reactor this long (seconds) is warned about.
 STALL_WARNING = 1.0
+#: RabbitMQ's 406 for an argument value of the wrong type or range (not a mismatch).
+_INVALID_ARG = re.compile(r"invalid arg '([^']+)'")
 #: Seconds a message is held before it is handed back when it could not be parked.
 HAND_BACK_PAUSE = 1.0
 
@@ -249,6 +260,13 @@ class Consumer:
             return AccessRefused(
                 f"the broker refused an operation on queue {s.queue!r}: {text} "
                 f"(user {s.url.username!r}, vhost {s.url.vhost!r})"
+            )
+        invalid = _INVALID_ARG.search(e.reply_text) if e.reply_code == 406 else None
+        if invalid and invalid.group(1) in s.queue_arguments:
+            key = invalid.group(1)
+            return ConfigurationError(
+                f"--queue-arg {key}={s.queue_arguments[key]!r} is not a valid value for "
+                f"{key}: the broker refused it ({text})"
             )
         if e.reply_code == 406:
             return TopologyMismatch(

@@ -3,7 +3,9 @@ and the config file, validated before anything connects."""
 
 from __future__ import annotations
 
+import ast
 import configparser
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,6 +130,18 @@ def _readable(raw: str, name: str) -> str:
     return path
 
 
+def _directories(raw: str, name: str) -> tuple[str, ...]:
+    paths = []
+    for item in raw.split(os.pathsep):
+        if not item.strip():
+            continue
+        path = os.path.abspath(item.strip())
+        if not os.path.isdir(path):
+            raise ConfigurationError(f"--{name} {item.strip()!r} is not a directory")
+        paths.append(path)
+    return tuple(paths)
+
+
 def _boolean(raw: str, name: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -194,6 +208,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue", None, "The queue to consume (required)."),
     Option("handler", None, "The handler, package.module:function (default: log and ack)."),
     Option(
+        "handler-path",
+        None,
+        "Directories (separated by ':') searched first for the handler's module; the "
+        "current directory only if named here (--handler-path .).",
+        lambda raw, name: _directories(raw, name),
+    ),
+    Option(
         "prefetch",
         "10",
         "Messages handled at once (the consumer's QoS prefetch count).",
@@ -233,7 +254,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "handler-timeout",
         "600",
-        "Seconds a handler may run before it is cancelled and its message requeued.",
+        "Seconds a handler may run before it is cancelled; its message is then retried "
+        "(a failed attempt).",
         _seconds(0.001, 86400),
     ),
     Option(
@@ -312,6 +334,8 @@ class Settings:
     #: Every broker URL, ``url`` first; reconnects go round them.
     urls: tuple[BrokerURL, ...] = ()
     handler: str | None = None
+    #: Directories searched first for the handler's module (absolute).
+    handler_path: tuple[str, ...] = ()
     prefetch: int = 10
     heartbeat: int = 30
     shutdown_timeout: float = 30.0
@@ -342,6 +366,27 @@ class Settings:
             object.__setattr__(self, "dead_letter_queue", f"{self.queue}.dead")
 
 
+def _ini_error(error: configparser.Error) -> str:
+    """What is wrong with an INI file, in one line that names the line."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: {error.line.strip()!r} comes before any [section] header"
+    if isinstance(error, configparser.ParsingError):
+        lineno, shown = error.errors[0]
+        try:  # configparser keeps the line as its repr
+            line = str(ast.literal_eval(shown))
+        except (ValueError, SyntaxError):
+            line = str(shown)
+        more = f" (and {len(error.errors) - 1} more)" if len(error.errors) > 1 else ""
+        return (
+            f"line {lineno}: {line.strip()!r} is neither KEY = VALUE nor a [section] header{more}"
+        )
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: {error.option!r} is set twice in [{error.section}]"
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: section [{error.section}] appears twice"
+    return str(error).splitlines()[0]
+
+
 def read_config_file(path: str) -> dict[str, str]:
     """The ``[consumer]`` section of an INI file, keys normalised to option names."""
     parser = configparser.ConfigParser(interpolation=None)
@@ -351,8 +396,9 @@ def read_config_file(path: str) -> dict[str, str]:
     except OSError as e:
         raise ConfigurationError(f"cannot read config file {path!r}: {e.strerror}") from None
     except configparser.Error as e:
-        message = str(e).splitlines()[0]
-        raise ConfigurationError(f"config file {path!r} is not valid INI: {message}") from None
+        raise ConfigurationError(
+            f"config file {path!r} is not valid INI: {_ini_error(e)}"
+        ) from None
     if not parser.has_section(CONFIG_SECTION):
         raise ConfigurationError(f"config file {path!r} has no [{CONFIG_SECTION}] section")
     values: dict[str, str] = {}

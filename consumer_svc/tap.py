@@ -67,7 +67,8 @@ class Options(usage.Options):
         given: dict[str, Any] = {o.name: self.get(o.name) for o in OPTIONS}
         given.update(self._repeated)
         self.settings = resolve(given, self._environ, self["config"])
-        self.handler = load_handler(self.settings.handler) if self.settings.handler else log_message
+        s = self.settings
+        self.handler = load_handler(s.handler, s.handler_path) if s.handler else log_message
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, and turn any bad value into one line on stderr and an exit status."""

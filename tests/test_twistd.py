@@ -139,7 +139,8 @@ def test_wrong_credentials_exit_77_with_one_line(
     ("args", "env", "status", "says"),
     [
         (["--queue", "q", "--handler", "handlers:nope"], {}, 65, "module 'handlers' has no attribute 'nope'"),
-        (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "RuntimeError: handler module failed while importing"),
+        (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "RuntimeError: handler module failed while importing ("),
+        (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "handlers.py, line "),
         (["--queue", "q", "--prefetch", "0"], {}, 64, "--prefetch must be a whole number from 1 to 65535, got '0'"),
         (["--queue", "q", "--config", "missing.conf"], {}, 64, "cannot read config file 'missing.conf'"),
     ],
