@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from waiting import eventually, poll_until, within
 
+from consumer_svc import Message
 from consumer_svc._service import STOP_GRACE, ConsumerService, State
 
 #: Messages in flight when the stop comes: pika's and RabbitMQ's largest prefetch.
@@ -38,11 +39,20 @@ def flood(url: str, queue: str, count: int) -> None:
         connection.close()
 
 
+def slow_handler(message: Message) -> Deferred[None]:
+    return sleep(1 + random.random())
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [slow_handler, lambda message: None],
+    ids=["a full window in flight", "fast handlers, deliveries still arriving"],
+)
 @pytest_twisted.ensureDeferred
 async def test_a_stop_under_load_sends_every_ack_it_owes(
-    rabbit: RabbitNode, queue_name: str, services: Any
+    rabbit: RabbitNode, queue_name: str, services: Any, handler: Callable[[Message], Any]
 ) -> None:
-    """Stopped with a full window of messages in flight, no message that was handled and settled comes back."""
+    """Stopped under load with 65,535 messages of prefetch, no message that was handled and settled comes back."""
     total = WINDOW + 5_000
     await deferToThread(flood, rabbit.url(), queue_name, total)
     await eventually(
@@ -51,10 +61,10 @@ async def test_a_stop_under_load_sends_every_ack_it_owes(
         what="every message queued",
         blocking=True,
     )
-    first = Recorder(lambda m: sleep(1 + random.random()))
+    first = Recorder(handler)
     settings = settings_for(rabbit.url(), queue_name, prefetch=WINDOW, shutdown_timeout=20)
     run = services(settings, first)
-    await eventually(lambda: len(first.bodies) >= WINDOW, timeout=60, what="a full window")
+    await eventually(lambda: len(first.bodies) >= total // 3, timeout=60, what="a third handled")
     started = time.monotonic()
     await within(30, run.service.stopService(), "the stop")
     stop_seconds = time.monotonic() - started
@@ -67,7 +77,7 @@ async def test_a_stop_under_load_sends_every_ack_it_owes(
     await queue_settles(rabbit, queue_name, timeout=30)
     back = settled & set(second.bodies)
     print(
-        f"stop under load: {len(settled)} settled during the stop, {len(back)} came back, "
+        f"stop under load: {len(settled)} settled, {len(back)} came back, "
         f"the stop took {stop_seconds:.1f}s"
     )
     assert not back, f"{len(back)} of {len(settled)} settled messages came back"
