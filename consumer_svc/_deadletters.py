@@ -33,13 +33,13 @@ from . import _codec
 from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
+from ._secrets import redact
 from ._settings import (
     BY_NAME,
     DEFAULT_URL,
     BrokerURL,
     Connection,
     check_tls_files,
-    redact,
     resolve_connection,
 )
 
@@ -751,7 +751,8 @@ def run(
         connection, url = connect(settings.urls, tls, client_certificate=client_certificate)
         if args.action == "list":
             seen = inventory(connection, dead_letter_queue, limit=args.limit, show=args.show)
-            print("\n".join(seen.lines()), file=out)
+            # A copy parked before passwords were masked may still quote one.
+            print(redact("\n".join(seen.lines())), file=out)
         else:
             _check_queue(connection, dead_letter_queue, "dead-letter queue")
             _check_queue(connection, queue, "work queue")
@@ -762,8 +763,8 @@ def run(
             )
             _close_after_acks(connection, queue, progress)
             for line in progress.left:
-                print(line, file=out)
-            print(progress.summary(dead_letter_queue, queue), file=out)
+                print(redact(line), file=out)
+            print(redact(progress.summary(dead_letter_queue, queue)), file=out)
     except pika.exceptions.AMQPError as e:  # a lost connection between the steps above
         out.flush()
         failure = _broker_failure(e, f"{args.action} failed")
@@ -772,8 +773,8 @@ def run(
     except CommandFailed as e:
         if isinstance(e, ReplayStopped):
             for line in e.progress.left:
-                print(line, file=out)
-            print(e.progress.summary(dead_letter_queue, queue), file=out)
+                print(redact(line), file=out)
+            print(redact(e.progress.summary(dead_letter_queue, queue)), file=out)
         out.flush()
         print(f"{prefix}: error: {redact(escape(str(e)))}", file=err)
         return e.status

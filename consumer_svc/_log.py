@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
 
-from ._settings import redact
+from ._secrets import redact
 
 #: pika lines that only restate what the service reports itself, better (and
 #: the returned-message one would copy message bodies into the log).

@@ -374,7 +374,9 @@ class ConsumerService(Service):
             signal.signal(number, functools.partial(self._on_signal, previous))
 
     def _on_signal(self, previous: Callable[[int, Any], Any], number: int, frame: Any) -> None:
-        if self._signalled:
+        # Stopping already (a first signal, or a fatal error stopping the reactor):
+        # Twisted's handler would only call reactor.stop again.
+        if self._signalled or not self.running:
             self._reactor.callFromThread(self.hurry, signal.Signals(number).name)
             return
         self._signalled = True

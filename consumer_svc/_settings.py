@@ -15,8 +15,6 @@ from urllib.parse import quote, unquote, urlsplit
 from ._errors import ConfigurationError
 from ._secrets import redact, remember
 
-__all__ = ["redact"]  # re-exported: the one redaction point lives in _secrets
-
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 CONFIG_SECTION = "consumer"
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
