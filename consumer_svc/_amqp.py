@@ -124,7 +124,15 @@ def classify(
                 f"the broker's certificate is not valid for {url.host!r} ({kinds})",
             )
         if module.startswith("OpenSSL"):
-            return Cause(Lost.TLS_FAILED, _describe(reason))
+            text = _describe(reason)
+            if "wrong version number" in text or "packet length too long" in text:
+                # The classic amqps:// to a plain AMQP port: the "server hello" is AMQP bytes.
+                return Cause(
+                    Lost.TLS_FAILED,
+                    f"{url.host}:{url.port} does not seem to speak TLS (is it a plain amqp:// "
+                    f"port? RabbitMQ's TLS port is 5671 by default) ({text})",
+                )
+            return Cause(Lost.TLS_FAILED, text)
         return Cause(Lost.CONNECTION_LOST, _describe(reason))
     if not opened:
         return Cause(Lost.CONNECTION_LOST, "the broker closed the connection during the handshake")

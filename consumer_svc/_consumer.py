@@ -10,6 +10,7 @@ even if its handler later succeeds.
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from ._codec import UndecodableHeaders, encodable
 from ._copies import copy_properties, note_stripped, safe_headers
 from ._errors import (
     AccessRefused,
+    ConfigurationError,
     FatalError,
     Pause,
     PublishRefused,
@@ -58,6 +60,8 @@ log = Logger(namespace="consumer_svc.consumer")
 
 #: A non-blocking handler that holds the reactor this long (seconds) is warned about.
 STALL_WARNING = 1.0
+#: RabbitMQ's 406 for an argument value of the wrong type or range (not a mismatch).
+_INVALID_ARG = re.compile(r"invalid arg '([^']+)'")
 #: Seconds a message is held before it is handed back when it could not be parked.
 HAND_BACK_PAUSE = 1.0
 
@@ -300,6 +304,13 @@ class Consumer:
             return AccessRefused(
                 f"the broker refused an operation on queue {s.queue!r}: {text} "
                 f"(user {s.url.username!r}, vhost {s.url.vhost!r})"
+            )
+        invalid = _INVALID_ARG.search(e.reply_text) if e.reply_code == 406 else None
+        if invalid and invalid.group(1) in s.queue_arguments:
+            key = invalid.group(1)
+            return ConfigurationError(
+                f"--queue-arg {key}={s.queue_arguments[key]!r} is not a valid value for "
+                f"{key}: the broker refused it ({text})"
             )
         if e.reply_code == 406:
             return TopologyMismatch(
@@ -957,10 +968,19 @@ class Consumer:
         self._deadline = self.clock.callLater(timeout, self._give_up)
         return self._drained
 
-    def _give_up(self) -> None:
+    def hurry(self) -> None:
+        """Reach the shutdown deadline now (a second signal): hand back what is in flight."""
+        if self._drained is None:
+            return
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._give_up(now=True)
+
+    def _give_up(self, now: bool = False) -> None:
         self._deadline = None
         log.warn(
-            "Shutdown deadline reached with {count} message(s) in flight; handing them back",
+            "{when} with {count} message(s) in flight; handing them back",
+            when="Stopping at once" if now else "Shutdown deadline reached",
             count=len(self.inflight),
         )
         for delivery in list(self.inflight):

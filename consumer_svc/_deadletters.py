@@ -33,7 +33,15 @@ from . import _codec
 from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
-from ._settings import BY_NAME, DEFAULT_URL, BrokerURL, Connection, redact, resolve_connection
+from ._secrets import redact
+from ._settings import (
+    BY_NAME,
+    DEFAULT_URL,
+    BrokerURL,
+    Connection,
+    check_tls_files,
+    resolve_connection,
+)
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).
 NO_INPUT = 66  # EX_NOINPUT: the dead-letter queue (or the work queue) does not exist
@@ -225,41 +233,14 @@ def tls_context(connection: Connection) -> ssl.SSLContext:
     """TLS as the service does it: the chain verified against --tls-ca (else the system's
     trust store) and the host name; with --tls-cert and --tls-key, a client certificate.
 
-    Every file is loaded here, before connecting: a bad one is a `ConfigurationError`
-    naming it.
+    The files were checked by `resolve_connection` (`check_tls_files`), so a bad one
+    was already a `ConfigurationError` naming it.
     """
-    try:
-        context = ssl.create_default_context(cafile=connection.tls_ca)
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigurationError(
-            f"--tls-ca {connection.tls_ca!r} holds no usable CA certificate (PEM): {_ssl_text(e)}"
-        ) from None
-    cert, key = connection.tls_cert, connection.tls_key
-    if cert and key:
-        try:
-            with open(cert, encoding="ascii", errors="replace") as f:
-                ssl.PEM_cert_to_DER_cert(f.read())
-        except (ValueError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-cert {cert!r} holds no certificate (PEM): {_ssl_text(e)}"
-            ) from None
-        try:
-            # No password prompt: an encrypted key fails here, as it does for the service.
-            context.load_cert_chain(cert, key, password=lambda: b"")
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-key {key!r} is not a usable private key for --tls-cert {cert!r}: "
-                f"{_ssl_text(e)}"
-            ) from None
+    check_tls_files(connection.tls_ca, connection.tls_cert, connection.tls_key)
+    context = ssl.create_default_context(cafile=connection.tls_ca)
+    if connection.tls_cert and connection.tls_key:
+        context.load_cert_chain(connection.tls_cert, connection.tls_key, password=lambda: b"")
     return context
-
-
-def _ssl_text(error: BaseException) -> str:
-    if isinstance(error, ssl.SSLError) and error.reason:
-        return str(error.reason)
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error)
 
 
 def connection_parameters(
@@ -770,7 +751,8 @@ def run(
         connection, url = connect(settings.urls, tls, client_certificate=client_certificate)
         if args.action == "list":
             seen = inventory(connection, dead_letter_queue, limit=args.limit, show=args.show)
-            print("\n".join(seen.lines()), file=out)
+            # A copy parked before passwords were masked may still quote one.
+            print(redact("\n".join(seen.lines())), file=out)
         else:
             _check_queue(connection, dead_letter_queue, "dead-letter queue")
             _check_queue(connection, queue, "work queue")
@@ -781,8 +763,8 @@ def run(
             )
             _close_after_acks(connection, queue, progress)
             for line in progress.left:
-                print(line, file=out)
-            print(progress.summary(dead_letter_queue, queue), file=out)
+                print(redact(line), file=out)
+            print(redact(progress.summary(dead_letter_queue, queue)), file=out)
     except pika.exceptions.AMQPError as e:  # a lost connection between the steps above
         out.flush()
         failure = _broker_failure(e, f"{args.action} failed")
@@ -791,8 +773,8 @@ def run(
     except CommandFailed as e:
         if isinstance(e, ReplayStopped):
             for line in e.progress.left:
-                print(line, file=out)
-            print(e.progress.summary(dead_letter_queue, queue), file=out)
+                print(redact(line), file=out)
+            print(redact(e.progress.summary(dead_letter_queue, queue)), file=out)
         out.flush()
         print(f"{prefix}: error: {redact(escape(str(e)))}", file=err)
         return e.status

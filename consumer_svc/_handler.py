@@ -7,8 +7,9 @@ import importlib
 import inspect
 import os
 import sys
+import traceback
 import types
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -93,12 +94,14 @@ def describe(handler: Callable[..., Any]) -> str:
     return f"{module}.{name}"
 
 
-def load_handler(reference: str) -> Handler:
+def load_handler(reference: str, path: Sequence[str] = ()) -> Handler:
     """Import ``package.module:function`` (or ``package.module.function``).
 
-    The current directory is searched last, like ``python -m`` would search it
-    first, so that a handler next to the working directory can be found
-    without installing it. Raises `HandlerImportError` with one readable line.
+    The directories in ``path`` (--handler-path) are searched first. The
+    current directory is not searched unless it is named there: a module
+    planted in whatever directory the service starts in must not run.
+    Raises `HandlerImportError` with one readable line, naming the file and
+    line of an error raised while importing.
     """
     if ":" in reference:
         module_name, _, attribute = reference.partition(":")
@@ -108,15 +111,17 @@ def load_handler(reference: str) -> Handler:
         raise HandlerImportError(
             f"--handler {reference!r} is not of the form package.module:function"
         )
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.append(cwd)
+    for directory in reversed(path):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as e:  # the user's module may raise anything while importing
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        where = _where(e)
         raise HandlerImportError(
             f"cannot import handler module {module_name!r} for --handler {reference!r}: "
-            f"{type(e).__name__}: {e}"
+            f"{type(e).__name__}{': ' + text if text else ''}{f' ({where})' if where else ''}"
         ) from e
     for part in attribute.split("."):
         try:
@@ -129,6 +134,24 @@ def load_handler(reference: str) -> Handler:
     if problem is not None:
         raise HandlerImportError(f"--handler {reference!r} {problem}")
     return target  # type: ignore[no-any-return]
+
+
+_STDLIB = os.path.dirname(os.__file__)
+
+
+def _where(error: BaseException) -> str:
+    """``file, line N`` of the error: the syntax error's own, else the innermost frame of the
+    handler's code (not Python's import machinery, the standard library or this module)."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}, line {error.lineno}"
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        name = frame.filename
+        stdlib = name.startswith(_STDLIB + os.sep) and "site-packages" not in name
+        if name.startswith("<") or name == __file__ or stdlib:
+            continue
+        return f"{name}, line {frame.lineno}"
+    return ""
 
 
 def log_message(message: Message) -> None:

@@ -23,7 +23,7 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-from ._settings import redact
+from ._secrets import redact
 
 #: pika lines that only restate what the service reports itself, better (and
 #: the returned-message one would copy message bodies into the log).
@@ -133,7 +133,7 @@ def json_lines(out: IO[str] | None = None) -> ILogObserver:
                 record[key] = redact(value) if isinstance(value, str) else value
         failure = event.get("log_failure")
         if failure is not None:
-            record["traceback"] = failure.getTraceback()
+            record["traceback"] = redact(failure.getTraceback())
         stream.write(json.dumps(record, default=str) + "\n")
         stream.flush()
 

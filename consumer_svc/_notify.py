@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 from twisted.logger import Logger
 
+from ._secrets import redact
+
 log = Logger(namespace="consumer_svc.notify")
 
 
@@ -44,14 +46,14 @@ class Notifier:
         """Send ``READY=1``-style fields, e.g. ``notify(READY=1, STATUS="consuming q")``."""
         if self.address is None:
             return
-        payload = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
+        payload = "\n".join(f"{key}={redact(str(value))}" for key, value in fields.items())
         try:
             if self._socket is None:
                 self._socket = socket.socket(
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                 )
                 self._socket.setblocking(False)
-            self._socket.sendto(payload, self.address)
+            self._socket.sendto(payload.encode(), self.address)
         except OSError as e:
             if not self._failed:  # say it once, not on every status line
                 self._failed = True

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError
 
 from ._errors import Reject, Retry
+from ._secrets import redact
 
 #: Header names: ours, so not "x-" (RabbitMQ 4 drops client-set x- headers).
 RETRIES = "consumer-svc-retries"
@@ -55,10 +56,11 @@ class Decision:
 
 
 def describe_failure(error: BaseException, *, timeout: float | None = None) -> str:
+    """The failure in one line, passwords masked: for the log and the parked copy's header."""
     if isinstance(error, CancelledError) and timeout is not None:
         return f"HandlerTimeout: cancelled after {timeout:g}s (--handler-timeout)"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return redact(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
 @dataclass(frozen=True)

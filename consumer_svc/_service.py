@@ -8,6 +8,7 @@ import enum
 import functools
 import os
 import random
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import error as net_errors
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,12 +31,17 @@ from ._handler import Handler, Invoker
 from ._health import HealthFactory, Metrics, health_site
 from ._log import bridge_pika_logging
 from ._notify import Notifier
+from ._secrets import install as install_redaction
 from ._settings import Settings
 
 log = Logger(namespace="consumer_svc")
 
-#: Seconds the AMQP close handshake may take at shutdown before the socket is aborted.
+#: Seconds the AMQP close handshake may take before the socket is aborted, outside a stop.
 CLOSE_TIMEOUT = 5.0
+#: Seconds a stop may take beyond --shutdown-timeout: the close handshake (which carries the
+#: acks owed) gets whatever is left of ``shutdown_timeout + STOP_GRACE``; at that point the
+#: stop is over whatever is still pending, so the process ends within --shutdown-timeout + 5 s.
+STOP_GRACE = 4.5
 
 
 class State(enum.Enum):
@@ -53,6 +60,17 @@ class _DaemonThreadPool(ThreadPool):
     """Threads for `blocking` handlers; daemonic, so one stuck past the shutdown deadline cannot keep the process alive."""
 
     threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+
+    def stop(self) -> None:
+        """Let idle threads quit, without waiting for busy ones.
+
+        `ThreadPool.stop` joins every thread: one stuck in a handler whose
+        message was already retried (--handler-timeout) or handed back would
+        hold the stop for ever. Daemon threads end with the process.
+        """
+        self.joined = True
+        self.started = False
+        self._team.quit()
 
 
 def exit_process(status: ExitStatus, reactor: Any) -> None:
@@ -100,7 +118,10 @@ def _pem_certificates(data: bytes) -> list[bytes]:
 
 
 class ConsumerService(Service):
-    """Consumes ``settings.queue`` with ``handler`` until stopped, reconnecting as needed."""
+    """Consumes ``settings.queue`` with ``handler`` until stopped, reconnecting as needed.
+
+    With ``signals`` (twistd), a second SIGTERM or SIGINT during the stop hurries it (`hurry`).
+    """
 
     name = "consumer"
 
@@ -133,6 +154,12 @@ class ConsumerService(Service):
         self._ready_sent = False
         self._last_cause = ""
         self._watchdog: LoopingCall | None = None
+        self._signals = signals
+        self._signalled = False
+        #: While stopping: when the stop must be over, the Deferred it fires, and its timer.
+        self._stop_by = 0.0
+        self._stop_done: Deferred[None] | None = None
+        self._overdue: IDelayedCall | None = None
         self.threadpool = _DaemonThreadPool(0, settings.threads, "consumer_svc-blocking")
         self.invoker = Invoker(handler, reactor, self.threadpool)
         self.consumer = Consumer(settings, self.invoker, reactor, self._subscription_lost)
@@ -163,6 +190,7 @@ class ConsumerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        install_redaction()
         bridge_pika_logging()
         s = self.settings
         log.info(
@@ -180,6 +208,8 @@ class ConsumerService(Service):
             self._watchdog = LoopingCall(self._watchdog_ping)
             self._watchdog.clock = self._reactor
             self._watchdog.start(self.notifier.watchdog_interval, now=False)
+        if self._signals:
+            self._reactor.callWhenRunning(self._take_signals)
         self.factory.connect()
 
     def _install_pause_signals(self) -> None:
@@ -362,6 +392,55 @@ class ConsumerService(Service):
 
     # -- stopping
 
+    def _take_signals(self) -> None:
+        """Handle SIGTERM and SIGINT ourselves: the first stops as twistd does, a second one hurries the stop.
+
+        Without this a second signal calls ``reactor.stop`` again, which raises
+        ``ReactorNotRunning`` (a critical traceback) and does nothing else.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(number)
+            if not callable(previous):
+                continue  # not Twisted's: leave it alone (SIG_IGN, or a debugger's default)
+            signal.signal(number, functools.partial(self._on_signal, previous))
+
+    def _on_signal(self, previous: Callable[[int, Any], Any], number: int, frame: Any) -> None:
+        # Stopping already (a first signal, or a fatal error stopping the reactor):
+        # Twisted's handler would only call reactor.stop again.
+        if self._signalled or not self.running:
+            self._reactor.callFromThread(self.hurry, signal.Signals(number).name)
+            return
+        self._signalled = True
+        previous(number, frame)
+
+    def hurry(self, why: str = "asked") -> None:
+        """End the drain now, as at the deadline (a second SIGTERM or SIGINT calls this).
+
+        The handlers still running are abandoned and their messages handed
+        back; the acks owed are still sent, and the close may take at most
+        `CLOSE_TIMEOUT` seconds more.
+        """
+        if self.state not in (State.STOPPING, State.FAILED) or self._stop_done is None:
+            return
+        log.warn(
+            "{why} again while stopping: handing back what is in flight now, then closing "
+            "(at most {grace:g}s more)",
+            why=why,
+            grace=CLOSE_TIMEOUT,
+        )
+        self.consumer.hurry()
+        self._shorten_stop(CLOSE_TIMEOUT)
+
+    def _shorten_stop(self, seconds: float) -> None:
+        by = self._reactor.seconds() + seconds
+        if by >= self._stop_by:
+            return
+        self._stop_by = by
+        if self._overdue is not None and self._overdue.active():
+            self._overdue.reset(seconds)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if self.state is not State.FAILED:
@@ -375,34 +454,65 @@ class ConsumerService(Service):
         self.notifier.notify(STOPPING=1, STATUS=f"Draining {inflight} in-flight message(s)")
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
+        timeout = self.settings.shutdown_timeout
         log.info(
             "Stopping: {count} message(s) in flight, waiting up to {timeout:g}s for them",
             count=inflight,
-            timeout=self.settings.shutdown_timeout,
+            timeout=timeout,
         )
-        d = self.consumer.drain(self.settings.shutdown_timeout)
+        # One deadline for the whole stop: the drain, then the close with what is left.
+        budget = timeout + STOP_GRACE
+        self._stop_by = self._reactor.seconds() + budget
+        done: Deferred[None] = Deferred()
+        self._stop_done = done
+        self._overdue = self._reactor.callLater(budget, self._stop_overdue)
+        d = self.consumer.drain(timeout)
         d.addCallback(lambda _: self._close())
-        d.addCallback(self._stopped)
-        return d
+        d.addErrback(lambda failure: log.failure("Stopping failed", failure))
+        d.addCallback(lambda _: self._stopped())
+        return done
 
     def _close(self) -> Deferred[None]:
         connection = self._connection
         if connection is None:
             return succeed(None)
         self.consumer.flush()
-        log.info("Closing the AMQP connection")
-        return connection.shutdown(CLOSE_TIMEOUT)
+        # The close handshake is what carries the acks owed to the broker (pika
+        # closes each channel first): it gets all the time the stop has left,
+        # never a fixed few seconds that a busy broker could overrun.
+        left = max(self._stop_by - self._reactor.seconds() - 0.25, 0.1)
+        log.info("Closing the AMQP connection (waiting up to {left:.1f}s)", left=left)
+        return connection.shutdown(left)
 
-    def _stopped(self, _: object) -> None:
-        if self.consumer.abandoned and self.invoker.blocking:
+    def _stop_overdue(self) -> None:
+        self._overdue = None
+        log.warn(
+            "The stop is overdue (--shutdown-timeout {timeout:g}s + {grace:g}s): ending it now",
+            timeout=self.settings.shutdown_timeout,
+            grace=STOP_GRACE,
+        )
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            connection.transport.abortConnection()
+        self._stopped()
+
+    def _stopped(self) -> None:
+        done, self._stop_done = self._stop_done, None
+        if done is None:
+            return  # ended already (overdue)
+        if self._overdue is not None and self._overdue.active():
+            self._overdue.cancel()
+        self._overdue = None
+        busy = len(self.threadpool.working)
+        if busy:
             log.warn(
                 "{count} blocking handler thread(s) still running past the deadline; abandoned",
-                count=self.consumer.abandoned,
+                count=busy,
             )
-        else:
-            self.threadpool.stop()
+        self.threadpool.stop()
         if self.state is not State.FAILED:
             self.state = State.STOPPED
         self.notifier.notify(STATUS="Stopped")
         self.notifier.close()
         log.info("Stopped")
+        done.callback(None)

@@ -3,7 +3,9 @@ and the config file, validated before anything connects."""
 
 from __future__ import annotations
 
+import ast
 import configparser
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from ._errors import ConfigurationError
+from ._secrets import redact, remember
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 CONFIG_SECTION = "consumer"
@@ -62,6 +65,8 @@ def parse_url(url: str) -> BrokerURL:
     # literal "/" in the vhost name is written %2F.
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     vhost = unquote(path) if path else "/"
+    if parts.password is not None:
+        remember(unquote(parts.password))
     return BrokerURL(
         scheme=parts.scheme,
         host=host,
@@ -71,14 +76,6 @@ def parse_url(url: str) -> BrokerURL:
         password=unquote(parts.password) if parts.password is not None else "guest",
         has_credentials=parts.password is not None,
     )
-
-
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?P<at>@)", re.I)
-
-
-def redact(text: str) -> str:
-    """Replace the password of every URL in ``text`` with ``***``."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<at>", text)
 
 
 # -- conversions: each takes the raw string and the option name, and raises
@@ -137,6 +134,18 @@ def _log_level(raw: str, name: str) -> str:
     if value not in LOG_LEVELS:
         raise ConfigurationError(f"--{name} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
     return value
+
+
+def _directories(raw: str, name: str) -> tuple[str, ...]:
+    paths = []
+    for item in raw.split(os.pathsep):
+        if not item.strip():
+            continue
+        path = os.path.abspath(item.strip())
+        if not os.path.isdir(path):
+            raise ConfigurationError(f"--{name} {item.strip()!r} is not a directory")
+        paths.append(path)
+    return tuple(paths)
 
 
 def _boolean(raw: str, name: str) -> bool:
@@ -212,6 +221,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue", None, "The queue to consume (required)."),
     Option("handler", None, "The handler, package.module:function (default: log and ack)."),
     Option(
+        "handler-path",
+        None,
+        "Directories (separated by ':') searched first for the handler's module; the "
+        "current directory only if named here (--handler-path .).",
+        lambda raw, name: _directories(raw, name),
+    ),
+    Option(
         "concurrency",
         "10",
         "At most this many handlers run at once.",
@@ -278,7 +294,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "handler-timeout",
         "600",
-        "Seconds a handler may run before it is cancelled and its message requeued.",
+        "Seconds a handler may run before it is cancelled; its message is then retried "
+        "(a failed attempt).",
         _seconds(0.001, 86400),
     ),
     Option(
@@ -371,6 +388,8 @@ class Settings:
     #: Every broker URL, ``url`` first; reconnects go round them.
     urls: tuple[BrokerURL, ...] = ()
     handler: str | None = None
+    #: Directories searched first for the handler's module (absolute).
+    handler_path: tuple[str, ...] = ()
     concurrency: int = 10
     #: 0: twice ``concurrency`` (set in __post_init__).
     prefetch: int = 0
@@ -411,6 +430,27 @@ class Settings:
             object.__setattr__(self, "dead_letter_queue", f"{self.queue}.dead")
 
 
+def _ini_error(error: configparser.Error) -> str:
+    """What is wrong with an INI file, in one line that names the line."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: {error.line.strip()!r} comes before any [section] header"
+    if isinstance(error, configparser.ParsingError):
+        lineno, shown = error.errors[0]
+        try:  # configparser keeps the line as its repr
+            line = str(ast.literal_eval(shown))
+        except (ValueError, SyntaxError):
+            line = str(shown)
+        more = f" (and {len(error.errors) - 1} more)" if len(error.errors) > 1 else ""
+        return (
+            f"line {lineno}: {line.strip()!r} is neither KEY = VALUE nor a [section] header{more}"
+        )
+    if isinstance(error, configparser.DuplicateOptionError):
+        return f"line {error.lineno}: {error.option!r} is set twice in [{error.section}]"
+    if isinstance(error, configparser.DuplicateSectionError):
+        return f"line {error.lineno}: section [{error.section}] appears twice"
+    return str(error).splitlines()[0]
+
+
 def read_config_file(path: str) -> dict[str, str]:
     """The ``[consumer]`` section of an INI file, keys normalised to option names."""
     parser = configparser.ConfigParser(interpolation=None)
@@ -420,8 +460,9 @@ def read_config_file(path: str) -> dict[str, str]:
     except OSError as e:
         raise ConfigurationError(f"cannot read config file {path!r}: {e.strerror}") from None
     except configparser.Error as e:
-        message = str(e).splitlines()[0]
-        raise ConfigurationError(f"config file {path!r} is not valid INI: {message}") from None
+        raise ConfigurationError(
+            f"config file {path!r} is not valid INI: {_ini_error(e)}"
+        ) from None
     if not parser.has_section(CONFIG_SECTION):
         raise ConfigurationError(f"config file {path!r} has no [{CONFIG_SECTION}] section")
     values: dict[str, str] = {}
@@ -528,7 +569,58 @@ def _connection(values: dict[str, Any], command_line: Mapping[str, Any]) -> Conn
     tls = {name: values.pop(name, None) for name in ("tls_ca", "tls_cert", "tls_key")}
     if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
         raise ConfigurationError("--tls-cert and --tls-key go together")
+    given = [f"--{name.replace('_', '-')}" for name, value in tls.items() if value]
+    plain = [url for url in urls if not url.tls]
+    if given and plain:
+        raise ConfigurationError(
+            f"{'/'.join(given)} need an amqps:// URL, but {plain[0]} is amqp:// "
+            "(it would connect in plaintext): use amqps:// (port 5671 by default)"
+        )
+    check_tls_files(tls["tls_ca"], tls["tls_cert"], tls["tls_key"])
     return Connection(urls=urls, queue=queue, dead_letter_queue=dead_letter_queue, **tls)
+
+
+def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
+    """Load the TLS files as a TLS client would, before anything connects.
+
+    Raises `ConfigurationError` naming the file: not PEM, no certificate in
+    it, a key that is encrypted or does not belong to the certificate.
+    """
+    import ssl  # only when TLS files are given
+
+    def reason(error: BaseException) -> str:
+        if isinstance(error, ssl.SSLError) and error.reason:
+            return str(error.reason).replace("_", " ").lower()
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        return str(error)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigurationError(
+                f"--tls-ca {ca!r} holds no usable CA certificate (PEM): {reason(e)}"
+            ) from None
+        if not context.get_ca_certs():
+            raise ConfigurationError(f"--tls-ca {ca!r} holds no CA certificate (PEM)")
+    if cert and key:
+        try:
+            with open(cert, encoding="ascii", errors="replace") as f:
+                ssl.PEM_cert_to_DER_cert(f.read())
+        except (ValueError, OSError) as e:
+            raise ConfigurationError(
+                f"--tls-cert {cert!r} holds no certificate (PEM): {reason(e)}"
+            ) from None
+        try:
+            # No password prompt: an encrypted key fails here, as it would at connect time.
+            context.load_cert_chain(cert, key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigurationError(
+                f"--tls-key {key!r} is not a usable private key for --tls-cert {cert!r}: "
+                f"{reason(e)}"
+            ) from None
 
 
 def resolve_connection(

@@ -13,6 +13,8 @@ from twisted.python import usage
 
 from ._errors import ExitStatus, FatalError
 from ._handler import Handler, load_handler, log_message
+from ._secrets import install as install_redaction
+from ._secrets import redact
 from ._settings import OPTIONS, Settings, resolve
 
 
@@ -70,7 +72,8 @@ class Options(usage.Options):
         given: dict[str, Any] = {o.name: self.get(o.name) for o in OPTIONS}
         given.update(self._repeated)
         self.settings = resolve(given, self._environ, self["config"])
-        self.handler = load_handler(self.settings.handler) if self.settings.handler else log_message
+        s = self.settings
+        self.handler = load_handler(s.handler, s.handler_path) if s.handler else log_message
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, and turn any bad value into one line on stderr and an exit status."""
@@ -83,7 +86,7 @@ class Options(usage.Options):
 
 
 def _exit_with(status: ExitStatus, message: str) -> None:
-    sys.stderr.write(f"twistd consumer: error: {message}\n")
+    sys.stderr.write(f"twistd consumer: error: {redact(message)}\n")
     sys.stderr.flush()
     raise SystemExit(int(status))
 
@@ -119,6 +122,7 @@ def makeService(options: Options) -> IService:
     """Wire the service tree; nothing connects until it is started."""
     from ._service import ConsumerService
 
+    install_redaction()  # before twistd's log observers start: they see only masked events
     top = _Top(_logging(options))
     consumer = ConsumerService(options.settings, options.handler, signals=True)
     consumer.setServiceParent(top)

@@ -11,7 +11,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/bootstrap.sh
 
 port=${RUN_LOCAL_PORT:-5672}
-twistd=(.venv/bin/twistd -n --pidfile= consumer --config tap.conf --handler examples.tasks:handle "$@")
+# --handler-path .: the example handler lives in this checkout (examples/tasks.py).
+twistd=(.venv/bin/twistd -n --pidfile= consumer --config tap.conf --handler-path . --handler examples.tasks:handle "$@")
 
 answers() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null; }
 

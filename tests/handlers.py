@@ -41,6 +41,13 @@ def blocking_sleep(message: consumer_svc.Message) -> None:
     _record("done", message)
 
 
+def leaky(message: consumer_svc.Message) -> None:
+    """Fails with the service's own broker URL and password in its exception text."""
+    url = os.environ["LEAKED_URL"]
+    password = url.split("//", 1)[1].rsplit("@", 1)[0].split(":", 1)[1]
+    raise ValueError(f"cannot reach {url} with password {password}")
+
+
 def broken_at_import() -> None:
     raise AssertionError("never called")
 

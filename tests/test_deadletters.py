@@ -759,3 +759,17 @@ def test_a_replayed_copy_drops_bcc_and_keeps_the_tools_own_user_id() -> None:
     assert copy.user_id == "guest"
     assert copy.headers == {"k": 1, "consumer-svc-stripped": "BCC, x-last-death-reason"}
     assert original.headers["BCC"] == ["x"]  # the original is left as it was
+
+
+def test_list_masks_the_password_it_connects_with(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """A parked copy whose failure quotes the password the tool connects with is listed with it masked."""
+    rabbit.add_user("dl-reader", "Dl-secret@42")
+    rabbit.set_permissions("/", "dl-reader")
+    park(rabbit, queue_name, ["ConnectionError: login Dl-secret@42 refused"])
+    url = f"amqp://dl-reader:Dl-secret%4042@127.0.0.1:{rabbit.amqp_port}/%2F"
+    done = dead_letters(tmp_path, url, "--queue", queue_name, "list")
+    assert done.returncode == 0, done.stderr
+    assert "Dl-secret" not in done.stdout
+    assert "ConnectionError: login *** refused" in done.stdout

@@ -6,18 +6,28 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from twisted.logger import Logger, LogPublisher
+from amqp_tools import get_messages, publish
+from rabbitmq import RabbitNode
+from twistd_support import Twistd
+from twisted.logger import Logger, LogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 from waiting import poll_until
 
 from consumer_svc import json_lines
 from consumer_svc._log import _Setup, configure
+from consumer_svc._notify import Notifier
+from consumer_svc._retry import describe_failure
+from consumer_svc._secrets import install, redact
+from consumer_svc._settings import parse_url
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 NO_BROKER = ["--queue", "q", "--url", "amqp://guest:s3cret@127.0.0.1:1/"]
@@ -164,3 +174,117 @@ def test_an_unknown_log_level_is_refused(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "twistd consumer: error: --log-level must be one of debug, info, warn, error, critical, got 'loud'"
     )
+
+
+# -- one redaction point
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("amqp://svc:p@ss@rabbit:5672/%2F", "amqp://svc:***@rabbit:5672/%2F"),
+        ("see amqps://svc:a@b@c@rabbit/ now", "see amqps://svc:***@rabbit/ now"),
+        ("'amqp://svc:p%40ss@rabbit/'", "'amqp://svc:***@rabbit/'"),
+        ("amqp://:only-a-password@rabbit", "amqp://:***@rabbit"),
+        ("http://u:pw@proxy:3128", "http://u:***@proxy:3128"),
+        ("AMQP://U:PW@RABBIT/", "AMQP://U:***@RABBIT/"),
+        ("amqp://user@rabbit/ and mail@example.org", "amqp://user@rabbit/ and mail@example.org"),
+    ],
+)  # fmt: skip
+def test_every_url_form_is_masked_whole(text: str, masked: str) -> None:
+    """A URL's password is masked whole, a raw "@" in it included; a URL without one is left as it is."""
+    assert redact(text) == masked
+
+
+def redacted_logs() -> tuple[Logger, io.StringIO, io.StringIO]:
+    """A logger whose events go through the redaction point, then to a text and a JSON observer."""
+    text, out = io.StringIO(), io.StringIO()
+    publisher = LogPublisher()
+    install(publisher)
+    publisher.addObserver(textFileLogObserver(text))
+    publisher.addObserver(json_lines(out))
+    install(publisher)  # idempotent: still first, once
+    return Logger(namespace="consumer_svc", observer=publisher), text, out
+
+
+def test_a_known_password_is_masked_in_text_and_json_logs_tracebacks_included() -> None:
+    """A password the service read from its URL never shows: not in a message, a field, an object or a traceback."""
+    parse_url("amqp://svc:Zq9-known-secret@rabbit/")
+    log, text, out = redacted_logs()
+    try:
+        raise ConnectionError("login with Zq9-known-secret refused")
+    except ConnectionError as e:
+        log.failure("Handler failed: {error} ({why})", Failure(), error=e, why="Zq9-known-secret")
+    log.info("a print from a handler: Zq9-known-secret", log_io="Zq9-known-secret")
+    written = text.getvalue() + out.getvalue()
+    assert "Zq9-known-secret" not in written
+    assert "login with *** refused" in text.getvalue()
+    assert "Traceback" in text.getvalue()
+    assert (
+        "ConnectionError: login with *** refused"
+        in json.loads(out.getvalue().splitlines()[0])["traceback"]
+    )
+
+
+def test_the_default_guest_password_and_short_ones_stay_readable() -> None:
+    """ "guest" (also the user's name) and passwords under four characters are masked only inside URLs."""
+    parse_url("amqp://guest:guest@rabbit/")
+    parse_url("amqp://svc:abc@rabbit/")
+    assert redact("user 'guest' is fine, abc too") == "user 'guest' is fine, abc too"
+    assert redact("amqp://svc:abc@rabbit/") == "amqp://svc:***@rabbit/"
+
+
+def test_failure_descriptions_for_parked_copies_are_masked() -> None:
+    """The one-line failure that becomes a parked copy's consumer-svc-failure header masks a known password."""
+    parse_url("amqp://svc:Hdr-secret-77@rabbit/")
+    reason = describe_failure(
+        ValueError("cannot reach amqp://svc:Hdr-secret-77@rabbit/: Hdr-secret-77")
+    )
+    assert reason == "ValueError: cannot reach amqp://svc:***@rabbit/: ***"
+
+
+def test_status_lines_to_systemd_are_masked(tmp_path: Path) -> None:
+    """A STATUS= line sent to systemd masks a known password."""
+    parse_url("amqp://svc:Status-secret-1@rabbit/")
+    path = str(tmp_path / "notify")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(10)
+    try:
+        Notifier({"NOTIFY_SOCKET": path}).notify(STATUS="Reconnecting: Status-secret-1 refused")
+        assert receiver.recv(4096) == b"STATUS=Reconnecting: *** refused"
+    finally:
+        receiver.close()
+
+
+def test_a_handler_leaking_the_password_is_masked_in_logs_and_parked_copies(
+    rabbit: RabbitNode, queue_name: str, twistd: Callable[..., Twistd]
+) -> None:
+    """A handler whose exception quotes the service's URL and password: masked in the text log, JSON lines and the parked copy's header."""
+    rabbit.add_user("leaky-svc", "Pw@with-at-sign!9")
+    rabbit.set_permissions("/", "leaky-svc")
+    url = f"amqp://leaky-svc:{quote('Pw@with-at-sign!9', safe='')}@127.0.0.1:{rabbit.amqp_port}/%2F"
+    publish(rabbit.url(), queue_name, [b"one"])
+    args = ["--queue", queue_name, "--handler", "handlers:leaky", "--max-retries", "0"]
+    raw = f"amqp://leaky-svc:Pw@with-at-sign!9@127.0.0.1:{rabbit.amqp_port}/%2F"
+    env = {"AMQP_URL": url, "LEAKED_URL": raw}
+    text_run = twistd(args, env=env)
+    text_run.wait_for_log("dead-lettering it to", 30)
+    text_run.process.terminate()
+    text_run.wait(30)
+    publish(rabbit.url(), queue_name, [b"two"])
+    json_run = twistd(args, env=env, twistd_args=("--logger", "consumer_svc.json_lines"))
+    json_run.wait_for_log("dead-lettering it to", 30)
+    json_run.process.terminate()
+    json_run.wait(30)
+    assert "Traceback (most recent call last)" in text_run.text()
+    assert '"traceback": "Traceback (most recent call last)' in json_run.text()
+    for run in (text_run, json_run):
+        assert "with-at-sign" not in run.text()
+        assert "amqp://leaky-svc:***@127.0.0.1" in run.text()
+    parked = get_messages(rabbit.url(), f"{queue_name}.dead")
+    assert len(parked) == 2
+    for message in parked:
+        failure = message.headers["consumer-svc-failure"]
+        assert "with-at-sign" not in failure
+        assert failure.startswith("ValueError: cannot reach amqp://leaky-svc:***@127.0.0.1")

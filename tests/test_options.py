@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,9 +190,9 @@ def test_a_password_never_appears_in_an_error(capsys: pytest.CaptureFixture[str]
 
 
 def test_the_shipped_tap_conf_works_as_is() -> None:
-    """tap.conf in the repository parses and names a queue on the local broker."""
-    conf = Path(__file__).parent.parent / "tap.conf"
-    s = parse(["--config", str(conf)]).settings
+    """tap.conf in the repository parses and names a queue on the local broker (its example handler found with --handler-path)."""
+    root = Path(__file__).parent.parent
+    s = parse(["--config", str(root / "tap.conf"), "--handler-path", str(root)]).settings
     assert s.queue == "task_queue"
     assert s.url.host in ("localhost", "127.0.0.1")
 
@@ -228,3 +230,100 @@ def test_prefetch_defaults_to_twice_the_concurrency() -> None:
     assert parse(["--queue", "q", "--concurrency", "50"]).settings.prefetch == 100
     assert parse(["--queue", "q", "--concurrency", "40000"]).settings.prefetch == 65535
     assert parse(["--queue", "q", "--concurrency", "5", "--prefetch", "7"]).settings.prefetch == 7
+
+
+def test_a_password_with_a_raw_at_sign_is_masked_whole_in_start_up_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A bad URL whose password holds a raw "@" is quoted with all of the password masked."""
+    code, err = refused(capsys, ["--queue", "q", "--url", "amqpx://user:p@ss-w0rd@host/"])
+    assert code == ExitStatus.CONFIG
+    assert "ss-w0rd" not in err
+    assert "user:***@host" in err
+
+
+# -- errors that name their cause, file and line
+
+
+def write_module(directory: Path, source: str) -> str:
+    """A handler module with a name no other test uses; returns that name."""
+    name = f"handler_mod_{secrets.token_hex(4)}"
+    (directory / f"{name}.py").write_text(source)
+    return name
+
+
+def test_an_error_raised_while_importing_the_handler_names_its_file_and_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A KeyError from a missing environment variable at import time names the module's file and line."""
+    name = write_module(tmp_path, 'import os\n\nDB_URL = os.environ["MYAPP_DB_URL_X1"]\n')
+    argv = ["--queue", "q", "--handler-path", str(tmp_path), "--handler", f"{name}:handle"]
+    code, err = refused(capsys, argv)
+    assert code == ExitStatus.HANDLER
+    assert err.count("\n") == 1
+    assert f"KeyError: 'MYAPP_DB_URL_X1' ({tmp_path / name}.py, line 3)" in err
+
+
+def test_a_syntax_error_in_the_handler_names_its_file_and_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A handler module that does not compile is one line naming the file and line."""
+    name = write_module(tmp_path, "x = 1\ndef handle(:\n    pass\n")
+    argv = ["--queue", "q", "--handler-path", str(tmp_path), "--handler", f"{name}:handle"]
+    code, err = refused(capsys, argv)
+    assert code == ExitStatus.HANDLER
+    assert err.count("\n") == 1
+    assert "SyntaxError" in err
+    assert f"({tmp_path / name}.py, line 2)" in err
+
+
+def test_the_current_directory_is_searched_only_when_asked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module planted in the current directory does not run; with --handler-path . it is the handler."""
+    marker = tmp_path / "ran"
+    name = write_module(tmp_path, f"open({str(marker)!r}, 'w').close()\ndef handle(m): pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code, err = refused(capsys, ["--queue", "q", "--handler", f"{name}:handle"])
+    assert code == ExitStatus.HANDLER
+    assert f"No module named '{name}'" in err
+    assert not marker.exists()
+    options = parse(["--queue", "q", "--handler-path", ".", "--handler", f"{name}:handle"])
+    assert options.handler.__module__ == name
+    assert marker.exists()
+
+
+def test_handler_path_must_name_directories(capsys: pytest.CaptureFixture[str]) -> None:
+    """--handler-path with something that is not a directory is refused with exit 64."""
+    code, err = refused(capsys, ["--queue", "q", "--handler-path", "/nonexistent-dir"])
+    assert code == ExitStatus.CONFIG
+    assert "--handler-path '/nonexistent-dir' is not a directory" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[consumer]\nqueue = q\ngarbage\n", "line 3: 'garbage' is neither KEY = VALUE nor a [section] header"),
+        ("queue = q\n[consumer]\n", "line 1: 'queue = q' comes before any [section] header"),
+        ("[consumer]\nqueue = q\nqueue = r\n", "line 3: 'queue' is set twice in [consumer]"),
+        ("[consumer]\nqueue = q\n[consumer]\n", "line 3: section [consumer] appears twice"),
+    ],
+)  # fmt: skip
+def test_an_ini_syntax_error_names_its_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, says: str
+) -> None:
+    """A config file that is not valid INI is one line naming the file and the line at fault."""
+    conf = tmp_path / "tap.conf"
+    conf.write_text(text)
+    code, err = refused(capsys, ["--config", str(conf)])
+    assert code == ExitStatus.CONFIG
+    assert err.count("\n") == 1
+    assert f"config file '{conf}' is not valid INI: {says}" in err
+
+
+def test_help_says_a_timed_out_message_is_retried() -> None:
+    """--help describes --handler-timeout as a retry, which is what happens, not a requeue."""
+    usage = " ".join(str(Options(environ={})).split())
+    assert "before it is cancelled; its message is then retried (a failed attempt)" in usage
+    assert "requeued" not in usage

@@ -360,3 +360,18 @@ async def test_a_cluster_node_going_down_moves_the_consumer(
         await eventually(lambda: len(handler.bodies) == 2, timeout=10, what="the second message")
     finally:
         await deferToThread(rabbit.start_app)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invalid_queue_argument_value_is_named_as_such(
+    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
+) -> None:
+    """A --queue-arg value the broker refuses is reported as an invalid value (exit 64), not as a queue with other arguments."""
+    settings = settings_for(rabbit.url(), queue_name, queue_arguments={"x-max-length": "lots"})
+    run = services(settings, Recorder())
+    await eventually(lambda: run.exits != [], timeout=10, what="the fatal exit")
+    assert run.exits == [ExitStatus.CONFIG]
+    [line] = [line for line in logs.lines() if "Giving up" in line]
+    assert "--queue-arg x-max-length='lots' is not a valid value for x-max-length" in line
+    assert "invalid arg 'x-max-length'" in line
+    assert "other arguments" not in line

@@ -143,6 +143,8 @@ def test_wrong_credentials_exit_77_with_one_line(
         (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "RuntimeError: handler module failed while importing"),
         (["--queue", "q", "--handler", "pkgutil:walk_packages"], {}, 65, "--handler 'pkgutil:walk_packages' is a generator function: calling it runs nothing; decorate it with @twisted.internet.defer.inlineCallbacks"),
         (["--queue", "q", "--handler", "handlers:blocking_coroutine"], {"HANDLERS_BLOCKING_COROUTINE": "1"}, 65, "TypeError: handlers.blocking_coroutine is a coroutine function marked @consumer_svc.blocking: a thread cannot await it"),
+        (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "RuntimeError: handler module failed while importing ("),
+        (["--queue", "q", "--handler", "handlers:slow"], {"HANDLERS_RAISE_ON_IMPORT": "1"}, 65, "handlers.py, line "),
         (["--queue", "q", "--prefetch", "0"], {}, 64, "--prefetch must be a whole number from 1 to 65535, got '0'"),
         (["--queue", "q", "--config", "missing.conf"], {}, 64, "cannot read config file 'missing.conf'"),
     ],

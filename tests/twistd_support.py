@@ -24,9 +24,10 @@ class Twistd:
         args: list[str],
         env: dict[str, str] | None = None,
         twistd_args: tuple[str, ...] = (),
+        name: str = "",
     ) -> None:
-        self.log = tmp / "twistd.log"
-        self.record = tmp / "record.txt"
+        self.log = tmp / f"twistd{name}.log"
+        self.record = tmp / f"record{name}.txt"
         self.record.touch()
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "CONSUMER_"))}
         environ.update({"RECORD": str(self.record), "PYTHONPATH": str(TESTS)}, **(env or {}))
@@ -79,7 +80,7 @@ def twistd(tmp_path: Path) -> Iterator[Callable[..., Twistd]]:
         args: list[str], env: dict[str, str] | None = None, twistd_args: tuple[str, ...] = ()
     ) -> Twistd:
         """``twistd -n --pidfile= [twistd_args] consumer [args]``, e.g. twistd_args=("-r", "asyncio")."""
-        process = Twistd(tmp_path, args, env, twistd_args)
+        process = Twistd(tmp_path, args, env, twistd_args, name=str(len(started) or ""))
         started.append(process)
         return process
 
