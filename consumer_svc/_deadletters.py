@@ -632,19 +632,26 @@ def _option_help(name: str) -> str:
     return BY_NAME[name].help.replace("%", "%%")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dead-letters`` options and its ``list`` and ``replay`` commands."""
+def _connection_arguments(parser: argparse.ArgumentParser, *, again: bool = False) -> None:
+    """The options that say where the queues are.
+
+    ``again``: on a command's own parser, so that ``list --queue Q`` works as
+    ``--queue Q list`` does; unset there, they leave the value given before alone.
+    """
+    keep: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {}
     parser.add_argument(
         "-c",
         "--config",
         metavar="FILE",
         help="the service's INI file: its [consumer] section may set url, url-file, queue, "
         "dead-letter-queue and tls-* (default: $CONSUMER_CONFIG)",
+        **keep,
     )
     parser.add_argument(
         "--queue",
         metavar="NAME",
         help="the work queue (required here, as $CONSUMER_QUEUE or in --config)",
+        **keep,
     )
     parser.add_argument(
         "--url",
@@ -654,15 +661,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the broker; repeat it, or separate URLs by commas, for a cluster (default: "
         f"$CONSUMER_URL, $AMQP_URL, else {DEFAULT_URL.replace('%', '%%')}); prefer "
         "--url-file or the environment, as --url shows in ps",
+        **keep,
     )
-    parser.add_argument("--url-file", metavar="FILE", help=_option_help("url-file"))
+    parser.add_argument("--url-file", metavar="FILE", help=_option_help("url-file"), **keep)
     parser.add_argument(
         "--dead-letter-queue",
         metavar="NAME",
         help="the dead-letter queue (default: <queue>.dead)",
+        **keep,
     )
     for name in ("tls-ca", "tls-cert", "tls-key"):
-        parser.add_argument(f"--{name}", metavar="FILE", help=_option_help(name))
+        parser.add_argument(f"--{name}", metavar="FILE", help=_option_help(name), **keep)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``dead-letters`` options and its ``list`` and ``replay`` commands."""
+    _connection_arguments(parser)
     commands = parser.add_subparsers(dest="action", required=True, metavar="{list,replay}")
     listing = commands.add_parser(
         "list",
@@ -672,6 +686,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "counted as such. Messages are read without an ack and all go back to the "
         "queue, in order, when the command ends.",
     )
+    _connection_arguments(listing, again=True)
     listing.add_argument(
         "--limit",
         type=_whole("--limit", 1),
@@ -697,6 +712,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "failure the command stops and that message stays parked. A message that cannot "
         "be decoded stays parked, with a line saying why, and the replay goes on.",
     )
+    _connection_arguments(replaying, again=True)
     replaying.add_argument(
         "--count",
         type=_whole("--count", 1),

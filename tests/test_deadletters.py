@@ -773,3 +773,17 @@ def test_list_masks_the_password_it_connects_with(
     assert done.returncode == 0, done.stderr
     assert "Dl-secret" not in done.stdout
     assert "ConnectionError: login *** refused" in done.stdout
+
+
+def test_connection_options_may_follow_the_command(
+    rabbit: RabbitNode, queue_name: str, dlq: str, tmp_path: Path
+) -> None:
+    """`list --queue Q --url U` works as `--queue Q --url U list` does (it used to say "required: --queue")."""
+    park(rabbit, queue_name, ["ValueError: bad payload"])
+
+    after = tool(tmp_path, "list", "--queue", queue_name, "--url", rabbit.url(), "--show", "0")
+    before = tool(tmp_path, "--queue", queue_name, "--url", rabbit.url(), "list", "--show", "0")
+
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout
+    assert after.stdout.splitlines()[0] == f"{dlq}: 1 message(s)"
