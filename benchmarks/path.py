@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -61,11 +62,13 @@ class CountingChannel:
 
 
 class Connection:
+    """The publisher's channel, the consumer's, then one for each retry/dead-letter declare."""
+
     def __init__(self) -> None:
         self.channels = [CountingChannel(), CountingChannel()]
 
     def open_channel(self) -> Deferred[CountingChannel]:
-        return succeed(self.channels.pop(0))
+        return succeed(self.channels.pop(0) if self.channels else CountingChannel())
 
 
 class Deliver:
@@ -93,7 +96,7 @@ def run(count: int, per_read: int, metrics: bool) -> tuple[float, int]:
     connection = Connection()
     channel = connection.channels[1]
     consumer.attach(connection)  # type: ignore[arg-type]
-    on_message, method, properties = channel.on_message, Deliver(), None
+    on_message, method, properties = channel.on_message, Deliver(), BasicProperties()
     started = time.perf_counter()
     for tag in range(1, count + 1):
         method.delivery_tag = tag
