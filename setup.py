@@ -25,7 +25,19 @@ setup(
         "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "pytest-timeout>=2.3"],
+        # Tracing (OpenTelemetry's API only): spans for each delivery and publish. The SDK and
+        # its exporters are the operator's choice (opentelemetry-sdk, -exporter-otlp, or the
+        # opentelemetry-instrument launcher); without them the API's no-op costs nothing.
+        "otel": ["opentelemetry-api>=1.27"],
+        # opentelemetry-sdk: the tracing tests record spans with its InMemorySpanExporter
+        # and check the SDK's own autoconfiguration (OTEL_TRACES_EXPORTER=console).
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
+            "opentelemetry-api>=1.27",
+            "opentelemetry-sdk>=1.27",
+        ],
         # mypy-zope: Twisted's interfaces are zope.interface ones, which plain mypy cannot check.
         "dev": ["ruff>=0.6", "mypy>=1.11", "mypy-zope>=1.0"],
         # The benchmark's peers: never runtime dependencies.

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pika import exceptions as pika_errors
 from pika.spec import BasicProperties
@@ -45,6 +45,9 @@ from ._retry import (
 )
 from ._settings import Settings
 from ._topology import FailureQueues
+
+if TYPE_CHECKING:
+    from ._tracing import Trace, Tracing
 
 log = Logger(namespace="consumer_svc.consumer")
 
@@ -101,6 +104,8 @@ class Delivery:
     abandoned: bool = False
     #: Why the broker refused its copy when published on its own: park it bare.
     refused: str | None = None
+    #: Its span, while tracing is on.
+    trace: Trace | None = None
 
 
 class SetupFailed(Exception):
@@ -132,6 +137,8 @@ class Consumer:
     on_handled: Callable[[float], None] = lambda seconds: None
     #: Called with a failure that retrying cannot fix (the service stops).
     on_fatal: Callable[[FatalError], None] = lambda error: None
+    #: Spans for deliveries and publishes; None (the default) is tracing off.
+    tracing: Tracing | None = None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     #: The current channel's acks; a delivery from an older channel holds an older one.
@@ -344,11 +351,14 @@ class Consumer:
         started = self.monotonic()
         delivery = Delivery(acks, message, started)
         self.inflight.add(delivery)
+        if self.tracing is not None:
+            delivery.trace = message._trace = self.tracing.delivered(self.settings.queue, message)
         if type(properties.headers) is UndecodableHeaders:
             self._undecodable(delivery, properties.headers)
             return
         try:
-            result = self.invoke(message)
+            trace = delivery.trace
+            result = self.invoke(message) if trace is None else trace.run(self.invoke, message)
         except Exception:
             self._failed(Failure(), delivery)
             return
@@ -372,6 +382,8 @@ class Consumer:
     def _undecodable(self, delivery: Delivery, headers: UndecodableHeaders) -> None:
         """Headers we could not read: park the message without running the handler on it."""
         reason = f"UndecodableHeaders: {headers.error}"
+        if delivery.trace is not None:
+            delivery.trace.failed("UndecodableHeaders", reason)
         log.warn(
             "Message {tag} has headers that cannot be decoded ({reason}); parking it in {queue} "
             "without running the handler",
@@ -454,6 +466,8 @@ class Consumer:
         assert error is not None
         reason = describe_failure(error, timeout=timeout)
         decision = self.policy.decide(error, retries, reason)
+        if delivery.trace is not None:
+            delivery.trace.failed("timeout" if delivery.timed_out else error, reason)
         fields: dict[str, Any] = {
             "handler": self.invoke.name,
             "tag": message.delivery_tag,
@@ -487,7 +501,9 @@ class Consumer:
                 problem = self.failure_queues.problem(target) or "not connected"
                 raise _Unavailable(f"queue {target!r} is not available: {problem}")
             body, properties = self._copy(delivery, decision, retries)
-            return self.publisher.publish("", target, body, properties, mandatory=True)
+            return self.publisher.publish(
+                "", target, body, properties, mandatory=True, trace=delivery.trace
+            )
 
         d = self.failure_queues.ensure(target, arguments).addCallback(publish)
         d.addCallbacks(
@@ -588,7 +604,9 @@ class Consumer:
             else self.settings.dead_letter_queue
         )
         body, properties = self._copy(delivery, decision, retries)
-        d = self.publisher.publish("", target, body, properties, mandatory=True)
+        d = self.publisher.publish(
+            "", target, body, properties, mandatory=True, trace=delivery.trace
+        )
 
         def done(_: object) -> None:
             self._settle(delivery, _OUTCOMES[decision.action])
@@ -635,6 +653,8 @@ class Consumer:
                 outcome=outcome.value,
             )
         self.on_outcome(outcome)
+        if delivery.trace is not None:
+            delivery.trace.settled(outcome.value)
         if self._drained is not None and not self.inflight:
             self._finish_drain()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import os
@@ -119,7 +120,9 @@ class Invoker:
 
     def __call__(self, message: Message) -> Any:
         if self.blocking:
-            return deferToThreadPool(self._reactor, self._threadpool, self.handler, message)
+            # The thread runs in a copy of our context (a trace's span, say), as asyncio.to_thread does.
+            run = contextvars.copy_context().run
+            return deferToThreadPool(self._reactor, self._threadpool, run, self.handler, message)
         result = self.handler(message)
         if inspect.iscoroutine(result):
             return Deferred.fromCoroutine(result)

@@ -13,6 +13,7 @@ from ._errors import UndecodableBody
 
 if TYPE_CHECKING:
     from ._publisher import Publisher
+    from ._tracing import Trace
 
 
 class Message:
@@ -24,6 +25,7 @@ class Message:
     __slots__ = (
         "_publisher",
         "_publishes",
+        "_trace",
         "body",
         "delivery_tag",
         "exchange",
@@ -51,6 +53,8 @@ class Message:
         self._publisher: Publisher | None = None
         #: (what the handler got, what the ack waits for) for each publish.
         self._publishes: list[tuple[Deferred[None], Deferred[None]]] | None = None
+        #: The delivery's span while tracing is on: publishes are its children.
+        self._trace: Trace | None = None
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -93,7 +97,7 @@ class Message:
                 "this message was not delivered by consumer_svc: nothing to publish with"
             )
         confirmed = self._publisher.publish(
-            exchange, routing_key, body, properties, mandatory=mandatory
+            exchange, routing_key, body, properties, mandatory=mandatory, trace=self._trace
         )
         settled: Deferred[None] = Deferred()
         if self._publishes is None:

@@ -11,7 +11,7 @@ import random
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet import error as net_errors
@@ -30,6 +30,9 @@ from ._health import Metrics, health_site
 from ._log import bridge_pika_logging
 from ._notify import Notifier
 from ._settings import Settings
+
+if TYPE_CHECKING:
+    from ._tracing import Tracing
 
 log = Logger(namespace="consumer_svc")
 
@@ -97,6 +100,15 @@ def tls_options(settings: Settings) -> Callable[[Any], Any]:
 def _pem_certificates(data: bytes) -> list[bytes]:
     marker = b"-----END CERTIFICATE-----"
     return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
+
+
+def _tracing() -> Tracing | None:
+    """Tracing as the standard OTEL_* environment configures it; None without opentelemetry."""
+    try:
+        from ._tracing import configure
+    except ImportError:  # the [otel] extra is not installed
+        return None
+    return configure()
 
 
 class ConsumerService(Service):
@@ -169,6 +181,9 @@ class ConsumerService(Service):
             kind=" (blocking, in threads)" if self.invoker.blocking else "",
             prefetch=s.prefetch,
         )
+        self.consumer.tracing = _tracing()
+        if self.consumer.tracing is not None:
+            log.info("Tracing: a span for each message and each publish (OpenTelemetry)")
         self.threadpool.start()
         if self.notifier.watchdog_interval:
             self._watchdog = LoopingCall(self._watchdog_ping)
