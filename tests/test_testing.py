@@ -164,7 +164,8 @@ def test_a_failure_is_retried_on_the_schedule_s_first_rung() -> None:
         5,
         1,
     )
-    assert result.copy is not None and result.copy.body == b"job"
+    assert result.copy is not None
+    assert result.copy.body == b"job"
 
 
 def test_a_later_retry_waits_longer() -> None:
@@ -250,7 +251,8 @@ def test_an_unroutable_mandatory_publish_fails_the_handler() -> None:
     )
     result = _result(runner.run(message()))
     assert result.outcome is Outcome.RETRIED
-    assert result.reason is not None and "unroutable" in result.reason
+    assert result.reason is not None
+    assert "unroutable" in result.reason
 
 
 def test_a_publish_that_times_out_fails_after_the_publish_timeout() -> None:
@@ -275,7 +277,8 @@ def test_an_unconfirmed_copy_hands_the_message_back_after_a_pause() -> None:
     result = _result(Runner(handler, confirm=Confirm.TIMEOUT, publish_timeout=10).run(message()))
     assert result.outcome is Outcome.HANDED_BACK
     assert result.seconds == 11
-    assert result.copy is not None and result.copy.confirm is Confirm.TIMEOUT
+    assert result.copy is not None
+    assert result.copy.confirm is Confirm.TIMEOUT
 
 
 def test_undecodable_headers_are_parked_without_running_the_handler() -> None:
@@ -313,7 +316,8 @@ def test_a_deferred_handler_gives_a_deferred_that_fires_once_it_is_done() -> Non
     """A pending Deferred leaves the result pending; its failure then retries the message."""
     pending: Deferred[None] = Deferred()
     d = Runner(lambda m: pending).run(message())
-    assert isinstance(d, Deferred) and not d.called
+    assert isinstance(d, Deferred)
+    assert not d.called
     pending.errback(RuntimeError("late failure"))
     result = _fired(d)
     assert result.outcome is Outcome.RETRIED
@@ -336,7 +340,8 @@ def test_a_coroutine_handler_gives_a_deferred() -> None:
         raise Reject("after the await")
 
     d = Runner(handler).run(message())
-    assert isinstance(d, Deferred) and not d.called
+    assert isinstance(d, Deferred)
+    assert not d.called
     gate.callback(None)
     assert _fired(d).outcome is Outcome.PARKED
 
@@ -347,7 +352,8 @@ def test_the_handler_timeout_runs_on_the_runner_s_clock() -> None:
     runner = Runner(lambda m: pending, handler_timeout=30)
     d = runner.run(message())
     runner.clock.advance(29)
-    assert isinstance(d, Deferred) and not d.called
+    assert isinstance(d, Deferred)
+    assert not d.called
     runner.clock.advance(1)
     result = _fired(d)
     assert result.timed_out
@@ -377,4 +383,5 @@ def test_settings_change_the_rules(kind: str) -> None:
 
     handler = consumer_svc.blocking(failing) if kind == "blocking" else failing
     result = _result(Runner(handler).with_settings(retry_delay=1.0).run(message()))
-    assert result.retried is not None and result.retried.delay == 1
+    assert result.retried is not None
+    assert result.retried.delay == 1
