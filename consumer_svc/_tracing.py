@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:
     from ._message import Message
 
-__all__ = ["Trace", "Tracing", "configure", "keep_context"]
+__all__ = ["Trace", "Tracing", "configure"]
 
 log = Logger(namespace="consumer_svc.tracing")
 T = TypeVar("T")
@@ -134,7 +134,7 @@ class Trace:
         that copy for every step (Twisted runs them in the context they began in), and
         the invoker hands a copy to a ``@blocking`` handler's thread. Plain Deferred
         callbacks that the reactor fires later run in the reactor's context (twisted#9807):
-        wrap them in `keep_context`; ``message.publish`` parents on this span either way.
+        wrap them in `consumer_svc.keep_context`; ``message.publish`` parents on this span either way.
         """
         return contextvars.copy_context().run(self._run, call, args)
 
@@ -208,21 +208,6 @@ def _end(span: Span, error: BaseException | None) -> None:
         span.set_attribute("error.type", _error_type(error))
         span.set_status(Status(StatusCode.ERROR, str(error)))
     span.end()
-
-
-def keep_context(call: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a callback so that it runs in the context current now (the handler's span).
-
-    For Deferred callbacks that the reactor fires after the handler returned, e.g.
-    ``task.deferLater(reactor, 1, keep_context(step))``: Twisted runs those in the
-    reactor's own context (twisted#9807). Each call runs in a fresh copy of it.
-    """
-    captured = contextvars.copy_context()
-
-    def run(*args: Any, **kwargs: Any) -> T:
-        return captured.copy().run(call, *args, **kwargs)
-
-    return run
 
 
 def configure(environ: Mapping[str, str] = os.environ) -> Tracing | None:
