@@ -67,6 +67,21 @@ def test_the_public_names_of_the_kit_are_pinned() -> None:
         assert getattr(kit, name) is not None
 
 
+def test_the_public_names_of_the_package_are_pinned() -> None:
+    """consumer_svc exports exactly what a handler author needs, keep_context included."""
+    assert consumer_svc.__all__ == [
+        "ExitStatus",
+        "Message",
+        "PublishFailed",
+        "Reject",
+        "Retry",
+        "UndecodableBody",
+        "blocking",
+        "json_lines",
+        "keep_context",
+    ]
+
+
 def _public(cls: type) -> dict[str, Any]:
     return {
         name: member
