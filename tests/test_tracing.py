@@ -419,3 +419,25 @@ async def test_a_retried_message_comes_back_as_a_child_of_its_retry_copy(
     assert second.parent is not None
     assert second.parent.span_id == copy.context.span_id
     assert {first.context.trace_id, copy.context.trace_id, second.context.trace_id} == {TRACE_ID}
+
+
+def test_twistd_traces_by_the_standard_environment(
+    twistd: Callable[..., Any], rabbit: RabbitNode, queue_name: str
+) -> None:
+    """twistd consumer with OTEL_TRACES_EXPORTER=console prints each message's process span, in the producer's trace."""
+    run = twistd(
+        ["--url", rabbit.url(), "--queue", queue_name],
+        env={
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_SERVICE_NAME": "kit-test",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
+    run.wait_for_log("Tracing: a span for each message", timeout=30)
+    run.wait_for_log("Consuming", timeout=30)
+    amqp_tools.publish(rabbit.url(), queue_name, [b"job"], headers={"traceparent": TRACEPARENT})
+    run.wait_for_log(f'"name": "process {queue_name}"', timeout=30)
+    text = run.text()
+    assert f'"trace_id": "0x{TRACE_ID:032x}"' in text
+    assert f'"parent_id": "0x{PARENT_ID:016x}"' in text
+    assert '"service.name": "kit-test"' in text
