@@ -236,7 +236,16 @@ def configure(environ: Mapping[str, str] = os.environ) -> Tracing | None:
                 exporters=exporters,
             )
             return None
-        _OTelSDKConfigurator().configure()
+        try:
+            _OTelSDKConfigurator().configure()
+        except Exception as e:  # e.g. an exporter asked for but not installed
+            # Telemetry must never keep messages from being handled.
+            log.warn(
+                "Tracing is off: OpenTelemetry's SDK could not configure it from the "
+                "environment: {error}",
+                error=f"{type(e).__name__}: {e}",
+            )
+            return None
         provider = trace.get_tracer_provider()
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None

@@ -334,6 +334,11 @@ def test_the_sdk_autoconfigures_from_the_standard_environment() -> None:
     assert '"service.name": "billing-worker"' in out
 
 
+def test_an_exporter_that_is_not_installed_leaves_tracing_off_not_the_service() -> None:
+    """OTEL_TRACES_EXPORTER naming an exporter that is not installed turns tracing off, and nothing raises."""
+    assert _configure(OTEL_TRACES_EXPORTER="nonesuch").strip() == "off"
+
+
 def test_otel_sdk_disabled_turns_tracing_off() -> None:
     """OTEL_SDK_DISABLED=true wins over an exporter."""
     assert _configure(OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="true").strip() == "off"
