@@ -3,7 +3,9 @@
 Drives the real `Consumer` (dispatch, settling, coalesced acks) and the real
 `Metrics` with a channel that only counts what it is told, so the figure is
 what consumer_svc adds on top of pika's frame decoding for each message of a
-synchronous no-op handler. ``--profile`` prints where that time goes.
+synchronous no-op handler. ``--profile`` prints where that time goes; ``--tracing`` adds
+a run with tracing on (OpenTelemetry's SDK, each span handed to an exporter that drops it:
+the cost of the spans themselves, not of shipping them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
@@ -61,11 +64,13 @@ class CountingChannel:
 
 
 class Connection:
+    """The publisher's channel, the consumer's, then one for each retry/dead-letter declare."""
+
     def __init__(self) -> None:
         self.channels = [CountingChannel(), CountingChannel()]
 
     def open_channel(self) -> Deferred[CountingChannel]:
-        return succeed(self.channels.pop(0))
+        return succeed(self.channels.pop(0) if self.channels else CountingChannel())
 
 
 class Deliver:
@@ -83,9 +88,27 @@ class NoOp:
         return None
 
 
-def run(count: int, per_read: int, metrics: bool) -> tuple[float, int]:
+def _tracing() -> Any:
+    """Tracing on an SDK tracer provider whose exporter drops every span."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    from consumer_svc._tracing import Tracing
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    return Tracing(provider.get_tracer("benchmarks.path"))
+
+
+def run(count: int, per_read: int, metrics: bool, tracing: bool = False) -> tuple[float, int]:
     settings = Settings(url=parse_url("amqp://localhost"), queue="q", max_retries=0)
     consumer = Consumer(settings, NoOp(), Clock(), lambda why: None)  # type: ignore[arg-type]
+    if tracing:
+        consumer.tracing = _tracing()
     if metrics:  # wired as ConsumerService wires them
         m = Metrics(inflight=lambda: len(consumer.inflight))
         consumer.on_outcome = m.settled
@@ -93,7 +116,7 @@ def run(count: int, per_read: int, metrics: bool) -> tuple[float, int]:
     connection = Connection()
     channel = connection.channels[1]
     consumer.attach(connection)  # type: ignore[arg-type]
-    on_message, method, properties = channel.on_message, Deliver(), None
+    on_message, method, properties = channel.on_message, Deliver(), BasicProperties()
     started = time.perf_counter()
     for tag in range(1, count + 1):
         method.delivery_tag = tag
@@ -109,10 +132,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--per-read", type=int, default=38, help="deliveries per socket read")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tracing", action="store_true", help="also run with tracing on")
     args = parser.parse_args()
-    for metrics in (False, True):
-        best = min(run(args.count, args.per_read, metrics)[0] for _ in range(3))
-        label = "with metrics" if metrics else "without metrics"
+    runs = [(False, False, "without metrics"), (True, False, "with metrics")]
+    if args.tracing:
+        runs.append((True, True, "with metrics and tracing"))
+    for metrics, tracing, label in runs:
+        best = min(run(args.count, args.per_read, metrics, tracing)[0] for _ in range(3))
         print(f"consumer_svc's own path, {label}: {best / args.count * 1e6:.2f} us per message")
     if args.profile:
         profile = cProfile.Profile()

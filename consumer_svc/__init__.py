@@ -4,6 +4,7 @@ Handler authors need only these names; run the service with
 ``twistd consumer --queue NAME --handler package.module:function``.
 """
 
+from ._context import keep_context
 from ._errors import ExitStatus, Pause, PublishFailed, Reject, Retry, UndecodableBody
 from ._handler import blocking
 from ._log import json_lines
@@ -19,5 +20,6 @@ __all__ = [
     "UndecodableBody",
     "blocking",
     "json_lines",
+    "keep_context",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pika import exceptions as pika_errors
 from pika.spec import BasicProperties
@@ -55,6 +55,9 @@ from ._retry import (
 )
 from ._settings import Settings
 from ._topology import FailureQueues
+
+if TYPE_CHECKING:
+    from ._tracing import Trace, Tracing
 
 log = Logger(namespace="consumer_svc.consumer")
 
@@ -118,6 +121,8 @@ class Delivery:
     running: bool = False
     #: The one message taken while paused, to see whether the downstream is back.
     probe: bool = False
+    #: Its span, while tracing is on.
+    trace: Trace | None = None
 
 
 @dataclass
@@ -165,6 +170,8 @@ class Consumer:
     on_fatal: Callable[[FatalError], None] = lambda error: None
     #: Called with the cause when the consumer pauses, and with None when it resumes.
     on_paused: Callable[[str | None], None] = lambda cause: None
+    #: Spans for deliveries and publishes; None (the default) is tracing off.
+    tracing: Tracing | None = None
     state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     #: The current channel's acks; a delivery from an older channel holds an older one.
@@ -417,6 +424,8 @@ class Consumer:
         message._channel = self.channels_opened
         delivery = Delivery(acks, message)
         self.inflight.add(delivery)
+        if self.tracing is not None:
+            delivery.trace = message._trace = self.tracing.delivered(self.settings.queue, message)
         if type(properties.headers) is UndecodableHeaders:
             self._undecodable(delivery, properties.headers)
             return
@@ -439,7 +448,8 @@ class Consumer:
         message = delivery.message
         delivery.started = started = self.monotonic()
         try:
-            result = self.invoke(message)
+            trace = delivery.trace
+            result = self.invoke(message) if trace is None else trace.run(self.invoke, message)
         except Exception:
             self._failed(Failure(), delivery)
             return
@@ -463,6 +473,8 @@ class Consumer:
     def _undecodable(self, delivery: Delivery, headers: UndecodableHeaders) -> None:
         """Headers we could not read: park the message without running the handler on it."""
         reason = f"UndecodableHeaders: {headers.error}"
+        if delivery.trace is not None:
+            delivery.trace.failed("UndecodableHeaders", reason)
         log.warn(
             "The headers of {message_name} cannot be decoded ({reason}); parking it in {queue} "
             "without running the handler",
@@ -553,6 +565,8 @@ class Consumer:
         assert error is not None
         reason = describe_failure(error, timeout=timeout)
         decision = self.policy.decide(error, retries, reason)
+        if delivery.trace is not None:
+            delivery.trace.failed("timeout" if delivery.timed_out else error, reason)
         fields: dict[str, Any] = {
             "handler": self.invoke.name,
             **_names(message),
@@ -780,7 +794,9 @@ class Consumer:
                 problem = self.failure_queues.problem(target) or "not connected"
                 raise _Unavailable(f"queue {target!r} is not available: {problem}")
             body, properties = self._copy(delivery, decision, retries)
-            return self.publisher.publish("", target, body, properties, mandatory=True)
+            return self.publisher.publish(
+                "", target, body, properties, mandatory=True, trace=delivery.trace
+            )
 
         d = self.failure_queues.ensure(target, arguments).addCallback(publish)
         d.addCallbacks(
@@ -884,7 +900,9 @@ class Consumer:
             decision = Decision(Action.DEAD_LETTER, decision.reason)
         target, _ = self._target(decision)
         body, properties = self._copy(delivery, decision, retries)
-        d = self.publisher.publish("", target, body, properties, mandatory=True)
+        d = self.publisher.publish(
+            "", target, body, properties, mandatory=True, trace=delivery.trace
+        )
 
         def done(_: object) -> None:
             self._settle(delivery, _OUTCOMES[decision.action])
@@ -932,6 +950,8 @@ class Consumer:
                 outcome=outcome.value,
             )
         self.on_outcome(outcome)
+        if delivery.trace is not None:
+            delivery.trace.settled(outcome.value)
         if self._drained is not None and not self.inflight:
             self._finish_drain()
 

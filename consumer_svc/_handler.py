@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import inspect
 import os
@@ -290,7 +291,9 @@ class Invoker:
 
     def __call__(self, message: Message) -> Any:
         if self.blocking:
-            return deferToThreadPool(self._reactor, self._threadpool, self._in_thread, message)
+            # The thread runs in a copy of our context (a trace's span, say), as asyncio.to_thread does.
+            run = contextvars.copy_context().run
+            return deferToThreadPool(self._reactor, self._threadpool, run, self._in_thread, message)
         result = self.handler(message)
         if isinstance(result, Deferred):
             return result

@@ -15,6 +15,7 @@ from ._errors import Reject, UndecodableBody
 
 if TYPE_CHECKING:
     from ._publisher import Publisher
+    from ._tracing import Trace
 
 
 #: How much of a message_id log lines show.
@@ -40,6 +41,7 @@ class Message:
         "_publisher",
         "_publishes",
         "_reply_to_allow",
+        "_trace",
         "body",
         "delivery_tag",
         "exchange",
@@ -71,6 +73,8 @@ class Message:
         self._channel: int | None = None
         #: --reply-to-allow: globs of further queues replies may go to.
         self._reply_to_allow: tuple[str, ...] = ()
+        #: The delivery's span while tracing is on: publishes are its children.
+        self._trace: Trace | None = None
 
     @property
     def name(self) -> str:
@@ -127,7 +131,7 @@ class Message:
                 "this message was not delivered by consumer_svc: nothing to publish with"
             )
         confirmed = self._publisher.publish(
-            exchange, routing_key, body, properties, mandatory=mandatory
+            exchange, routing_key, body, properties, mandatory=mandatory, trace=self._trace
         )
         return self._track(confirmed)
 

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet import error as net_errors
@@ -33,6 +33,9 @@ from ._log import bridge_pika_logging
 from ._notify import Notifier
 from ._secrets import install as install_redaction
 from ._settings import Settings
+
+if TYPE_CHECKING:
+    from ._tracing import Tracing
 
 log = Logger(namespace="consumer_svc")
 
@@ -115,6 +118,15 @@ def tls_options(settings: Settings) -> Callable[[Any], Any]:
 def _pem_certificates(data: bytes) -> list[bytes]:
     marker = b"-----END CERTIFICATE-----"
     return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
+
+
+def _tracing() -> Tracing | None:
+    """Tracing as the standard OTEL_* environment configures it; None without opentelemetry."""
+    try:
+        from ._tracing import configure
+    except ImportError:  # the [otel] extra is not installed
+        return None
+    return configure()
 
 
 class ConsumerService(Service):
@@ -201,6 +213,9 @@ class ConsumerService(Service):
             kind=" (blocking, in threads)" if self.invoker.blocking else "",
             prefetch=s.prefetch,
         )
+        self.consumer.tracing = _tracing()
+        if self.consumer.tracing is not None:
+            log.info("Tracing: a span for each message and each publish (OpenTelemetry)")
         self.threadpool.start()
         if self._signals:
             self._install_pause_signals()

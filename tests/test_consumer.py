@@ -1,6 +1,7 @@
 """Settling messages: the rules of ack, reject and requeue, with a fake channel and a Clock.
 
-The same behaviours are checked against a real broker in test_service.py.
+The fakes are the testing kit's own (consumer_svc.testing); the same behaviours are checked
+against a real broker in test_service.py.
 """
 
 from __future__ import annotations
@@ -12,141 +13,14 @@ from typing import Any, Callable
 
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from pika.spec import BasicProperties
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from consumer_svc import Message, Reject, Retry
 from consumer_svc._consumer import Consumer, ConsumerState
 from consumer_svc._settings import Settings, parse_url
-
-
-class FakeChannel:
-    """Stands in for consumer_svc._amqp.Channel and records what the consumer does with it."""
-
-    def __init__(self, clock: Clock | None = None) -> None:
-        self.clock = clock
-        self.is_open = True
-        self.closed: Deferred[BaseException] = Deferred()
-        self.on_cancelled: Callable[[], None] | None = None
-        self._settled: list[tuple[str, int]] = []
-        self.declared: dict[str, Any] = {}
-        self.published: list[tuple[str, bytes, dict[str, Any]]] = []
-        self.confirms: list[Deferred[None]] = []
-        self.auto_confirm = True
-        self.on_message: Any = None
-        self.cancelled = False
-        self.refuse_declares: Exception | None = None
-        self.prefetches: list[int] = []
-        self.subscriptions = 0
-        #: The ready messages a (passive) declare reports.
-        self.ready = 0
-
-    def declare_queue(self, queue: str, *, passive: bool = False, arguments: Any) -> Deferred[Any]:
-        if self.refuse_declares is not None:
-            return fail(self.refuse_declares)
-        self.declared[queue] = arguments
-        frame = type("DeclareOk", (), {"message_count": self.ready})
-        return succeed(type("Frame", (), {"method": frame}))
-
-    def close(self) -> None:
-        self.is_open = False
-
-    def qos(self, prefetch: int) -> Deferred[Any]:
-        self.prefetches.append(prefetch)
-        return succeed(None)
-
-    def confirm(self) -> Deferred[Any]:
-        return succeed(None)
-
-    def publish(
-        self, exchange: str, routing_key: str, body: bytes, properties: Any, *, mandatory: bool
-    ) -> Deferred[Any]:
-        headers = properties.headers if properties is not None else None
-        self.published.append((routing_key, body, dict(headers or {})))
-        if self.auto_confirm:
-            return succeed(None)
-        confirm: Deferred[None] = Deferred()
-        self.confirms.append(confirm)
-        return confirm
-
-    def consume(self, queue: str, on_message: Any) -> Deferred[str]:
-        self.on_message = on_message
-        self.subscriptions += 1
-        self.cancelled = False
-        return succeed(f"ctag{self.subscriptions}")
-
-    def cancel(self, tag: str) -> Deferred[Any]:
-        self.cancelled = True
-        return succeed(None)
-
-    def soon(self, call: Callable[[], None]) -> None:
-        """As the real channel: after the current read, here the Clock's next turn."""
-        if self.clock is None:
-            call()
-        else:
-            self.clock.callLater(0, call)
-
-    @property
-    def settled(self) -> list[tuple[str, int]]:
-        """What was settled on the wire, once the current reactor turn ended (acks wait for it)."""
-        if self.clock is not None:
-            self.clock.advance(0)
-        return self._settled
-
-    def ack(self, tag: int, multiple: bool = False) -> None:
-        self._settled.append(("ack up to" if multiple else "ack", tag))
-
-    def nack(self, tag: int, requeue: bool = True) -> None:
-        self._settled.append(("requeue" if requeue else "drop", tag))
-
-    def reject(self, tag: int, requeue: bool = False) -> None:
-        self._settled.append(("reject+requeue" if requeue else "reject", tag))
-
-    def deliver(self, tag: int, body: bytes = b"x", headers: dict[str, Any] | None = None) -> None:
-        method = type(
-            "Deliver",
-            (),
-            {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
-        )
-        self.on_message(self, method, BasicProperties(headers=headers), body)
-
-    def die(self) -> None:
-        self.is_open = False
-        self.closed.callback(
-            ChannelClosedByBroker(406, "PRECONDITION_FAILED - unknown delivery tag 1")
-        )
-
-
-class FakeConnection:
-    """Hands out the publisher channel first, then the consumer channel, then new ones (declares)."""
-
-    def __init__(self, *channels: FakeChannel) -> None:
-        self.channels = list(channels)
-        self.opened: list[FakeChannel] = []
-        self.lost = False
-        #: Makes each declare on a channel of its own fail with this, if set.
-        self.refuse_declares: Exception | None = None
-        #: The ready messages a declare on a channel of its own reports.
-        self.ready = 0
-
-    def open_channel(self) -> Deferred[FakeChannel]:
-        if self.channels:
-            channel = self.channels.pop(0)
-        else:  # a channel of its own for a declare
-            channel = FakeChannel()
-            channel.refuse_declares = self.refuse_declares
-            channel.ready = self.ready
-        self.opened.append(channel)
-        return succeed(channel)
-
-    @property
-    def declared(self) -> dict[str, Any]:
-        """Every queue declared on any channel, with its arguments."""
-        found: dict[str, Any] = {}
-        for channel in self.opened:
-            found.update(channel.declared)
-        return found
+from consumer_svc.testing import FakeChannel, FakeConnection
 
 
 class Invoke:
