@@ -75,7 +75,7 @@ class _SharedNodes:
                 self._failed[version]
             )
         if version not in self._nodes:
-            node = RabbitNode(self._tmp.mktemp(f"rabbit-{version}"), version=version)
+            node = RabbitNode(self._tmp.mktemp(f"rabbit-{version}-"), version=version)
             try:
                 node.start()
             except RabbitNodeError as e:
