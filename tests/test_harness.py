@@ -32,6 +32,9 @@ from waiting import Timeout, eventually, poll_until, within
 RabbitFactory = Callable[..., RabbitNode]
 ClusterFactory = Callable[..., RabbitCluster]
 BOTH = pytest.mark.brokers("3.10", "4.0")
+# A three-node cluster starts in ~15 s on a quiet 2-core machine but took up to 55 s under
+# load; its tests keep their own deadlines, so only the run-ending safety net is raised.
+CLUSTER_TIME = pytest.mark.timeout(300)
 
 
 def _alive(pid: int) -> bool:
@@ -281,6 +284,7 @@ def test_a_sigkilled_owner_leaves_no_4_0_process_or_mount(tmp_path: Path) -> Non
 
 
 @BOTH
+@CLUSTER_TIME
 def test_a_cluster_forms_and_keeps_a_quorum_queue_through_a_kill_9(
     rabbit_cluster: RabbitCluster, rabbit_version: str, queue_name: str
 ) -> None:
@@ -325,6 +329,7 @@ def test_a_cluster_forms_and_keeps_a_quorum_queue_through_a_kill_9(
 
 
 @BOTH
+@CLUSTER_TIME
 def test_a_rolling_restart_keeps_the_cluster_and_its_messages(
     cluster_factory: ClusterFactory, queue_name: str
 ) -> None:
