@@ -28,10 +28,17 @@ from rabbitmq import DEFAULT_VERSION, VERSIONS, RabbitCluster, RabbitNode, Rabbi
 RabbitFactory = Callable[..., RabbitNode]
 ClusterFactory = Callable[..., RabbitCluster]
 
-# The fixtures that give a test a broker; "brokers" parametrizes tests that use one.
+# The fixtures that give a test a broker ("rabbit_version" too, for a test that makes its
+# own nodes of the version); "brokers" parametrizes tests that use one.
 BROKER_FIXTURES = frozenset(
-    {"rabbit", "fresh_rabbit", "rabbit_factory", "rabbit_cluster", "cluster_factory"}
-    | {"rabbit_version"}
+    {
+        "rabbit",
+        "fresh_rabbit",
+        "rabbit_factory",
+        "rabbit_cluster",
+        "cluster_factory",
+        "rabbit_version",
+    }
 )
 
 # Fixtures for running the service in-process (logs, services, figures) and as twistd,
@@ -76,7 +83,7 @@ class _SharedNodes:
                 self._failed[version]
             )
         if version not in self._nodes:
-            node = RabbitNode(self._tmp.mktemp(f"rabbit-{version}"), version=version)
+            node = RabbitNode(self._tmp.mktemp(f"rabbit-{version}-"), version=version)
             try:
                 node.start()
             except RabbitNodeError as e:

@@ -32,6 +32,9 @@ from waiting import Timeout, eventually, poll_until, within
 RabbitFactory = Callable[..., RabbitNode]
 ClusterFactory = Callable[..., RabbitCluster]
 BOTH = pytest.mark.brokers("3.10", "4.0")
+# A three-node cluster starts in ~15 s on a quiet 2-core machine but took up to 55 s under
+# load; its tests keep their own deadlines, so only the run-ending safety net is raised.
+CLUSTER_TIME = pytest.mark.timeout(300)
 
 
 def _alive(pid: int) -> bool:
@@ -101,6 +104,11 @@ def test_kill_and_start_keep_persistent_messages(fresh_rabbit: RabbitNode, queue
     """After kill -9 the node refuses connections; started again, it has its messages back."""
     url = fresh_rabbit.url()
     publish(url, queue_name, [b"survivor"])
+    # 4.0.5 confirms before the queue's declaration is in Mnesia's log file: killed within
+    # ~0.1 s, the queue and its confirmed message were gone after the restart in 1 of 20
+    # runs here (0 of 20 with this sync; 3.10.8: 0 of 10 without). This test is about the
+    # harness keeping the node's data across kill and start, so it waits for the disk.
+    fresh_rabbit.ctl("eval", "mnesia:sync_log().")
     fresh_rabbit.kill()
     assert not fresh_rabbit.is_running()
     with pytest.raises(pika.exceptions.AMQPConnectionError):
@@ -278,9 +286,12 @@ def test_a_sigkilled_owner_leaves_no_4_0_process_or_mount(tmp_path: Path) -> Non
     poll_until(lambda: _pids_with_marker(f"{tag}:") == [], 30, message="the watchdog's cleanup")
     assert [p for p in pids if _alive(p)] == []
     _nothing_mounted_in_the_root()
+    # Nobody was left to remove the empty mount point in the root; do it for the next run.
+    RabbitNode(tmp_path / "node", version="4.0")._install.forget_binds([tmp_path / "node"])
 
 
 @BOTH
+@CLUSTER_TIME
 def test_a_cluster_forms_and_keeps_a_quorum_queue_through_a_kill_9(
     rabbit_cluster: RabbitCluster, rabbit_version: str, queue_name: str
 ) -> None:
@@ -325,6 +336,7 @@ def test_a_cluster_forms_and_keeps_a_quorum_queue_through_a_kill_9(
 
 
 @BOTH
+@CLUSTER_TIME
 def test_a_rolling_restart_keeps_the_cluster_and_its_messages(
     cluster_factory: ClusterFactory, queue_name: str
 ) -> None:

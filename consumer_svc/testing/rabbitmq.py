@@ -702,6 +702,7 @@ class RabbitNode:
                     _live_nodes.add(self)
                 self._watchdog.arm()
                 self._ensure_epmd(deadline)
+                self._wait_unregistered(deadline)
                 with open(self.server_log, "ab") as log:
                     log.write(f"\n{_START_MARK} {time.strftime('%H:%M:%S')} ===\n".encode())
                     log.flush()
@@ -751,7 +752,10 @@ class RabbitNode:
             _kill_marked(f"{self._tag}:server")
             if self._server is not None:
                 self._server.wait(timeout=10)
-            # The VM's epmd connection closed with it, so the name is free again at once.
+            # epmd frees the name when it sees the VM's connection close, which on a busy
+            # machine can take a moment; until then a new VM of that name cannot register,
+            # and start() would mistake the old registration for the new node.
+            self._wait_unregistered(_Deadline(10))
 
     def _kill_everything(self) -> None:
         """Kill the server, any rabbitmqctl in flight and our epmd; disarm the watchdog."""
@@ -781,6 +785,16 @@ class RabbitNode:
         if self._server is None or self._server.poll() is not None:
             rc = None if self._server is None else self._server.returncode
             raise RabbitNodeError(f"the node exited (rabbitmq-server script status {rc})")
+
+    def _wait_unregistered(self, deadline: _Deadline) -> None:
+        short = self.nodename.split("@")[0]
+        while short in (_epmd_names(self.epmd_port) or []):
+            if deadline.expired:
+                raise RabbitNodeError(
+                    f"{self.nodename} still registered with epmd {deadline.seconds} s after "
+                    "its VM ended"
+                )
+            time.sleep(0.05)
 
     def _wait_registered(self, deadline: _Deadline) -> None:
         short = self.nodename.split("@")[0]
