@@ -62,7 +62,9 @@ async def test_a_stop_under_load_sends_every_ack_it_owes(
         blocking=True,
     )
     first = Recorder(handler)
-    settings = settings_for(rabbit.url(), queue_name, prefetch=WINDOW, shutdown_timeout=20)
+    settings = settings_for(
+        rabbit.url(), queue_name, prefetch=WINDOW, concurrency=WINDOW, shutdown_timeout=20
+    )
     run = services(settings, first)
     await eventually(lambda: len(first.bodies) >= total // 3, timeout=60, what="a third handled")
     started = time.monotonic()
