@@ -116,10 +116,12 @@ def test_the_service_handles_and_parks_on_a_real_broker(rabbitmq_url: str) -> No
     queue = f"example-{uuid.uuid4().hex[:8]}"
     twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) or "twistd"
     argv = ["-n", "--pidfile=", "consumer", "--url", rabbitmq_url, "--queue", queue]
-    argv += ["--handler", "examples.tasks:handle_json"]
+    # examples.tasks lives in this checkout, not in the service's virtualenv: say where.
+    checkout = Path(__file__).resolve().parent.parent
+    argv += ["--handler-path", str(checkout), "--handler", "examples.tasks:handle_json"]
     service = subprocess.Popen(
         [twistd, *argv],
-        cwd=Path(__file__).resolve().parent.parent,  # where examples.tasks is found
+        cwd=checkout,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
