@@ -57,8 +57,21 @@ WIDE = "consumer_svc c100/p200"
 VARIANTS: dict[str, tuple[str, list[str], int]] = {
     WIDE: ("consumer_svc", ["--concurrency", "100"], 200),
 }
+#: --ablation: where (d)'s gain comes from (read size, frame decoder).
+ABLATION: dict[str, tuple[str, list[str], int]] = {
+    "consumer_svc 64 KiB reads": ("consumer_svc", ["--read-size", "65536"], 100),
+    "consumer_svc 1 MiB reads": ("consumer_svc", ["--read-size", "1048576"], 100),
+    "consumer_svc pika's decoder": ("consumer_svc", ["--pika-decoder"], 100),
+    "consumer_svc pika's decoder, 64 KiB reads": (
+        "consumer_svc",
+        ["--pika-decoder", "--read-size", "65536"],
+        100,
+    ),
+}
 #: Extra rows per workload, after the contenders.
 EXTRA = {"noop": [NOACK], "large": [NOACK], "io": [WIDE, CEILING]}
+#: kombu's messages in (b): it blocks 10 ms per message, so 10,000 would take 100 s a run.
+KOMBU_IO = 1000
 #: Fractions of each contender's no-op capacity the latency workload publishes at.
 LOADS = (0.5, 0.9)
 #: Instances of consumer_svc sharing one queue in the cpu workload.
@@ -134,6 +147,8 @@ def run_one(
 ) -> dict[str, Any]:
     size, prefetch, _ = WORKLOADS[workload]
     queue = f"bench-{workload}"
+    if name == "kombu" and workload == "io":
+        count = min(count, KOMBU_IO)  # it sleeps: about 100 msg/s, whatever the count
     if name != CEILING:
         fill(node, queue, count, size)
     broker_before = broker_cpu_seconds(node)
@@ -193,11 +208,11 @@ def finish(process: subprocess.Popen[str], what: str, timeout: float) -> dict[st
 
 
 def run_latency(
-    node: RabbitNode, name: str, rate: float, options: argparse.Namespace
+    node: RabbitNode, name: str, rate: float, options: argparse.Namespace, count: int = 0
 ) -> dict[str, Any]:
-    """Publish at ``rate`` for --latency-seconds while ``name`` consumes; its delays."""
+    """Publish at ``rate`` (0: flat out) for --latency-seconds while ``name`` consumes; its delays."""
     queue = "bench-latency"
-    count = max(1000, min(200_000, int(rate * options.latency_seconds)))
+    count = count or max(1000, min(200_000, int(rate * options.latency_seconds)))
     fill(node, queue, 0, 100)
     process = subprocess.Popen(
         command(node, name, "latency", queue, count, options),
@@ -320,7 +335,8 @@ def throughput_table(
     workload: str, count: int, repeat: int, results: dict[str, list[dict[str, Any]]]
 ) -> dict[str, dict[str, float]]:
     """Print one workload's table; returns its figures by contender."""
-    print(f"## {WORKLOADS[workload][2]}, {count:,} messages, {repeat} runs each\n")
+    fewer = f" (kombu {min(count, KOMBU_IO):,})" if workload == "io" and "kombu" in results else ""
+    print(f"## {WORKLOADS[workload][2]}, {count:,} messages{fewer}, {repeat} runs each\n")
     bound = BOUNDS.get(workload)
     medians = {name: statistics.median(rate(r) for r in runs) for name, runs in results.items()}
     base = medians.get("pika-twisted")
@@ -392,7 +408,15 @@ def main() -> None:
         help="write the side-by-side chart here ('' for none)",
     )
     parser.add_argument("--json", default="", help="also write every figure to this file")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="(d) also with consumer_svc's read size and frame decoder changed",
+    )
     args = parser.parse_args()
+    if args.ablation:
+        VARIANTS.update(ABLATION)
+        EXTRA["large"] = [*EXTRA["large"], *ABLATION]
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         parser.error("--pin needs two CPUs")
     contenders = args.contenders.split(",")
@@ -459,14 +483,28 @@ def main() -> None:
 def latency(
     node: RabbitNode, contenders: list[str], summary: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Each contender at 50 % and 90 % of its own no-op capacity (measured now unless (a) ran)."""
-    noop = summary["throughput"].get("noop", {})
+    """Each contender at 50 % and 90 % of its own capacity with a live publisher.
+
+    The capacity is the contender's rate while the publisher publishes
+    --count messages flat out at the same time (the median of --repeat runs):
+    what this machine sustains end to end with that contender, publisher and
+    broker sharing its cores.
+    """
     capacity: dict[str, float] = {}
-    for name in contenders:
-        if name in noop:
-            capacity[name] = noop[name]["median"]
-        else:
-            capacity[name] = rate(run_one(node, name, "noop", args.count, args))
+    flat_out: dict[str, list[float]] = {c: [] for c in contenders}
+    for rep in range(args.repeat):
+        for name in contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]:
+            flat_out[name].append(rate(run_latency(node, name, 0, args, count=args.count)))
+    print(
+        f"## capacity with a live publisher (flat out, {args.count:,} messages, no-op handler, "
+        f"100-byte bodies, prefetch 100, {args.repeat} runs each)\n"
+    )
+    print("| contender | msg/s (median) | spread |")
+    print("|---|---|---|")
+    for name, rates in flat_out.items():
+        capacity[name] = statistics.median(rates)
+        print(f"| {name} | {capacity[name]:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} |")
+    print()
     figures: dict[str, dict[str, dict[str, float]]] = {}
     for load in LOADS:
         results: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
@@ -475,7 +513,7 @@ def latency(
             for name in order:
                 results[name].append(run_latency(node, name, capacity[name] * load, args))
         print(
-            f"## latency at {load:.0%} of each contender's no-op capacity, 100-byte bodies, "
+            f"## latency at {load:.0%} of each contender's capacity, 100-byte bodies, "
             f"prefetch 100, {args.latency_seconds:g} s of publishing, {args.repeat} runs each "
             f"(median of the runs' percentiles, ms)\n"
         )

@@ -153,6 +153,10 @@ def _rss_kib() -> int:
 
 #: --concurrency of consumer_svc (default: the prefetch, as many handlers at once as the peers run).
 CONCURRENCY: int | None = None
+#: For the read-size and decoder comparisons (--ablation): consumer_svc's socket read size,
+#: and whether to put pika's own frame loop back.
+READ_SIZE = 0
+PIKA_DECODER = False
 
 
 def consumer_svc(
@@ -161,7 +165,7 @@ def consumer_svc(
     from twisted.internet import reactor, task
 
     import consumer_svc as svc
-    from consumer_svc import _acks
+    from consumer_svc import _acks, _amqp
     from consumer_svc._service import ConsumerService
     from consumer_svc._settings import Settings, parse_url
 
@@ -184,6 +188,14 @@ def consumer_svc(
         def handler(message: svc.Message) -> None:
             meter.delivered(message.body)
 
+    if READ_SIZE:
+        _amqp.READ_SIZE = READ_SIZE
+    if PIKA_DECODER:  # pika's own loop over one growing buffer, as before FrameReader
+
+        def pika_loop(impl: Any) -> Any:
+            return type(impl)._on_data_available.__get__(impl)
+
+        _amqp.FrameReader = pika_loop  # type: ignore[assignment,misc]
     settings = Settings(
         url=parse_url(url),
         queue=queue,
@@ -495,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
         default="noop",
     )
     parser.add_argument("--concurrency", type=int, help="consumer_svc's (default: the prefetch)")
+    parser.add_argument("--read-size", type=int, default=0, help="consumer_svc's socket reads")
+    parser.add_argument(
+        "--pika-decoder", action="store_true", help="consumer_svc with pika's own frame loop"
+    )
     parser.add_argument("--spin", type=int, default=0, help="cpu workload: rounds of work")
     parser.add_argument(
         "--until-idle", type=float, default=0.0, help="stop once idle this many seconds"
@@ -508,8 +524,8 @@ def main(argv: list[str] | None = None) -> None:
         os.sched_setaffinity(0, {args.cpu})
     if args.name in ("consumer_svc", "pika-twisted", "pika-twisted-noack", "timer-ceiling"):
         importlib.import_module(REACTORS[args.reactor]).install()  # type: ignore[attr-defined]
-    global CONCURRENCY
-    CONCURRENCY = args.concurrency
+    global CONCURRENCY, READ_SIZE, PIKA_DECODER
+    CONCURRENCY, READ_SIZE, PIKA_DECODER = args.concurrency, args.read_size, args.pika_decoder
     meter = Meter(args.count)
     meter.latency = args.workload == "latency"
     meter.spin = args.spin if args.workload == "cpu" else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -105,7 +106,9 @@ def test_out_of_order_failures_and_lost_channels_never_ack_a_failed_message(
     publisher, first = channels[0], channels[1]
     for channel in channels[0::2]:
         channel.auto_confirm = False  # failures cannot be parked: they are handed back
-    consumer = Consumer(SETTINGS, Invoke(handler), clock, lambda why: None)  # type: ignore[arg-type]
+    # All 30 in flight at once (--concurrency 30): the finishing order is the test's to choose.
+    settings = dataclasses.replace(SETTINGS, concurrency=30, prefetch=30)
+    consumer = Consumer(settings, Invoke(handler), clock, lambda why: None)  # type: ignore[arg-type]
     consumer.attach(FakeConnection(*channels))  # type: ignore[arg-type]
     succeeded: set[int] = set()
     for tag in range(1, 31):
