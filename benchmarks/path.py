@@ -24,6 +24,7 @@ from twisted.internet.task import Clock
 from consumer_svc._consumer import Consumer
 from consumer_svc._health import Metrics
 from consumer_svc._settings import Settings, parse_url
+from consumer_svc.testing._fakes import connect
 
 
 class CountingChannel:
@@ -106,7 +107,7 @@ def _tracing() -> Any:
 
 def run(count: int, per_read: int, metrics: bool, tracing: bool = False) -> tuple[float, int]:
     settings = Settings(url=parse_url("amqp://localhost"), queue="q", max_retries=0)
-    consumer = Consumer(settings, NoOp(), Clock(), lambda why: None)  # type: ignore[arg-type]
+    consumer = Consumer(settings, NoOp(), Clock())  # type: ignore[arg-type]
     if tracing:
         consumer.tracing = _tracing()
     if metrics:  # wired as ConsumerService wires them
@@ -115,7 +116,7 @@ def run(count: int, per_read: int, metrics: bool, tracing: bool = False) -> tupl
         consumer.on_handled = m.handled
     connection = Connection()
     channel = connection.channels[1]
-    consumer.attach(connection)  # type: ignore[arg-type]
+    connect(consumer.machine, connection)  # type: ignore[arg-type]
     on_message, method, properties = channel.on_message, Deliver(), BasicProperties()
     started = time.perf_counter()
     for tag in range(1, count + 1):

@@ -54,6 +54,8 @@ from ._retry import (
     retry_queue,
 )
 from ._settings import Settings
+from ._states import CONNECTED, ENDING, TAKING, Event, Facts, Machine, State, Transition
+from ._states import Action as Do
 from ._topology import FailureQueues
 
 if TYPE_CHECKING:
@@ -67,16 +69,6 @@ STALL_WARNING = 1.0
 _INVALID_ARG = re.compile(r"invalid arg '([^']+)'")
 #: Seconds a message is held before it is handed back when it could not be parked.
 HAND_BACK_PAUSE = 1.0
-
-
-class ConsumerState(enum.Enum):
-    """Where the consumer is."""
-
-    IDLE = "idle"  # no channel
-    SETTING_UP = "setting up"  # channels opening, declaring, subscribing
-    CONSUMING = "consuming"
-    DRAINING = "draining"  # stopping: no new messages, waiting for in-flight ones
-    STOPPED = "stopped"
 
 
 class Phase(enum.Enum):
@@ -135,8 +127,6 @@ class Paused:
     #: The wait before the next probe, in seconds.
     delay: float = 0.0
     timer: IDelayedCall | None = None
-    #: Subscribed with a prefetch of 1, waiting for the probe's result.
-    probing: bool = False
 
 
 class SetupFailed(Exception):
@@ -152,27 +142,25 @@ _OUTCOMES = {Action.RETRY: Outcome.RETRIED, Action.DEAD_LETTER: Outcome.DEAD_LET
 
 @dataclass
 class Consumer:
-    """Consumes one queue through whichever channel is current."""
+    """Consumes one queue through whichever channel is current.
+
+    Where it is lives in ``machine``, shared with the service: the consumer
+    tells it what happens to the subscription (set up, lost, paused, probing,
+    resumed) and performs the actions the table gives it.
+    """
 
     settings: Settings
     invoke: Invoker
     clock: IReactorTime
-    #: Called when a channel or the subscription is lost while the
-    #: connection stays up; the owner recovers (reconnects).
-    on_lost: Callable[[str], None]
+    machine: Machine = field(default_factory=Machine)
     #: Real elapsed time, to catch handlers that hold the reactor.
     monotonic: Callable[[], float] = time.monotonic
     #: Called with each settled message's outcome (metrics).
     on_outcome: Callable[[Outcome], None] = lambda outcome: None
     #: Called with how long each handler took, in seconds (metrics).
     on_handled: Callable[[float], None] = lambda seconds: None
-    #: Called with a failure that retrying cannot fix (the service stops).
-    on_fatal: Callable[[FatalError], None] = lambda error: None
-    #: Called with the cause when the consumer pauses, and with None when it resumes.
-    on_paused: Callable[[str | None], None] = lambda cause: None
     #: Spans for deliveries and publishes; None (the default) is tracing off.
     tracing: Tracing | None = None
-    state: ConsumerState = ConsumerState.IDLE
     channel: Channel | None = None
     #: The current channel's acks; a delivery from an older channel holds an older one.
     acks: Acks | None = None
@@ -209,11 +197,42 @@ class Consumer:
         self.last_delivery = self.clock.seconds()
         self.publisher = Publisher(self.clock, self.settings.publish_timeout)
         self.policy = RetryPolicy(self.settings.max_retries, self.settings.retry_delay)
-        self.failure_queues = FailureQueues(
-            self.clock, self.settings.declare, lambda error: self.on_fatal(error)
-        )
+        self.failure_queues = FailureQueues(self.clock, self.settings.declare, self._fatal)
+        for action, performer in (
+            (Do.ATTACH, self._attach),
+            (Do.HOLD, self._hold),
+            (Do.TRY_ONE, self._try_one),
+            (Do.SUBSCRIBE, self._resubscribe),
+        ):
+            self.machine.perform(action, performer)
+
+    @property
+    def state(self) -> State:
+        """Where the service and this consumer are (the machine's state)."""
+        return self.machine.state
+
+    def _fatal(self, error: FatalError) -> None:
+        self.machine.fire(Event.FAIL, Facts(error=error))
+
+    def _lost(self, reason: str) -> None:
+        """The subscription is gone while the connection stays up: the service starts afresh."""
+        self.machine.fire(Event.SUBSCRIPTION_LOST, Facts(reason=reason))
 
     # -- setting up
+
+    def _attach(self, transition: Transition) -> None:
+        """Set up on the connection just opened; tell the machine how it went."""
+        connection: AMQPConnection = transition.facts.connection
+
+        def failed(failure: Failure) -> None:
+            if connection.lost or connection is not self.connection:
+                return  # the connection's loss tells the story
+            if failure.check(FatalError):
+                self._fatal(failure.value)  # type: ignore[arg-type]
+            else:
+                self.machine.fire(Event.SETUP_FAILED, Facts(connection=connection, failure=failure))
+
+        self.attach(connection).addErrback(failed)
 
     @inlineCallbacks
     def attach(self, connection: AMQPConnection) -> Any:
@@ -222,9 +241,8 @@ class Consumer:
         Fails with a `FatalError` for what retrying cannot fix (permissions,
         mismatched arguments) and with `SetupFailed` otherwise. The retry and
         dead-letter queues are declared afterwards, apart: none of them can
-        keep the service from consuming.
+        keep the service from consuming. Ends with SET_UP (or SET_UP_PAUSED).
         """
-        self.state = ConsumerState.SETTING_UP
         self.connection = connection
         self.failure_queues.attach(connection)
         try:
@@ -241,14 +259,14 @@ class Consumer:
                 self.consumer_tag = yield channel.consume(self.settings.queue, self._on_message)
         except pika_errors.ChannelClosedByBroker as e:
             raise self._setup_error(e) from None
-        if self.state is ConsumerState.SETTING_UP:
-            self.state = ConsumerState.CONSUMING
+        if self.connection is connection and self.state is State.SETTING_UP:
             self.last_delivery = self.clock.seconds()
             self._check_failure_queues()
             self._start_stall_check()
-            if self.paused is not None:
-                self.paused.probing = False
-                self._schedule_probe()
+            if self.paused is None:
+                self.machine.fire(Event.SET_UP)
+            else:
+                self.machine.fire(Event.SET_UP_PAUSED, Facts(reason=self.paused.cause))
 
     @inlineCallbacks
     def _open_publisher(self, connection: AMQPConnection) -> Any:
@@ -331,9 +349,7 @@ class Consumer:
     def _channel_closed(self, reason: BaseException, channel: Channel, which: str) -> None:
         if channel is self.publisher.channel:
             self.publisher.channel = None
-            if self.state is ConsumerState.CONSUMING and isinstance(
-                reason, pika_errors.ChannelClosedByBroker
-            ):
+            if self.state in CONNECTED and isinstance(reason, pika_errors.ChannelClosedByBroker):
                 # A refused publish closes only this channel: open another, keep consuming.
                 log.warn(
                     "The broker closed the publishing channel: {reason}; opening another",
@@ -349,11 +365,8 @@ class Consumer:
             return
         # Only a channel-level close is ours to report: when the whole
         # connection goes, the connection's own loss tells the story.
-        if self.state is ConsumerState.CONSUMING and isinstance(
-            reason, pika_errors.ChannelClosedByBroker
-        ):
-            self.state = ConsumerState.IDLE
-            self.on_lost(f"{which} closed by the broker: {_reason(reason)}")
+        if isinstance(reason, pika_errors.ChannelClosedByBroker):
+            self._lost(f"{which} closed by the broker: {_reason(reason)}")
 
     def _reopen_publisher(self) -> None:
         connection = self.connection
@@ -362,17 +375,14 @@ class Consumer:
 
         def failed(failure: Failure) -> None:
             if self.connection is connection and not connection.lost:
-                self.on_lost(f"could not open a publishing channel: {failure.getErrorMessage()}")
+                self._lost(f"could not open a publishing channel: {failure.getErrorMessage()}")
 
         self._open_publisher(connection).addCallbacks(lambda _: self._next_suspect(), failed)
 
     def _cancelled_by_broker(self) -> None:
         """The broker cancelled us (queue deleted, leader moved): start afresh."""
-        if self.state is not ConsumerState.CONSUMING:
-            return
         self.consumer_tag = None
-        self.state = ConsumerState.IDLE
-        self.on_lost(f"the broker cancelled the consumer of queue {self.settings.queue!r}")
+        self._lost(f"the broker cancelled the consumer of queue {self.settings.queue!r}")
 
     def detach(self) -> None:
         """The connection is gone: deliveries in flight can no longer be settled."""
@@ -390,10 +400,6 @@ class Consumer:
         waiting, self._waiting = self._waiting, deque()
         for delivery in waiting:
             self._settle(delivery, Outcome.REQUEUED)  # likewise
-        if self.paused is not None:
-            self.paused.probing = False
-        if self.state in (ConsumerState.SETTING_UP, ConsumerState.CONSUMING):
-            self.state = ConsumerState.IDLE
 
     # -- the per-message path
 
@@ -403,10 +409,8 @@ class Consumer:
         if acks is None or acks.channel is not channel:
             return  # a straggler from a channel we gave up on: the broker redelivers it
         acks.delivered(tag)
-        paused = self.paused
-        if self.state in (ConsumerState.DRAINING, ConsumerState.STOPPED) or (
-            paused is not None and not paused.probing
-        ):
+        state = self.machine.state
+        if state not in TAKING:
             # Delivered between our cancel and the broker's cancel-ok: hand it back.
             acks.nack(tag)
             return
@@ -429,7 +433,7 @@ class Consumer:
         if type(properties.headers) is UndecodableHeaders:
             self._undecodable(delivery, properties.headers)
             return
-        if paused is not None:
+        if state is State.PROBING:
             if any(d.probe for d in self.inflight):
                 self._settle(delivery, Outcome.REQUEUED)  # one probe at a time
                 return
@@ -530,7 +534,7 @@ class Consumer:
             self._release(delivery)
         _stop_timer(delivery)
         self._failures_in_row = 0
-        if delivery.probe:
+        if delivery.probe and self.paused is not None and not self.paused.by_operator:
             self.resume()
         publishes = delivery.message._publishes
         if not publishes:
@@ -620,34 +624,24 @@ class Consumer:
     # -- pausing: a downstream is down
 
     def pause(self, cause: str, *, delay: float | None = None, by_operator: bool = False) -> None:
-        """Take no new messages; those in flight finish; try one again after a backoff."""
-        if self.paused is not None:
-            if by_operator and not self.paused.by_operator:
-                self.paused.by_operator = True
-                self.paused.cause = cause
-                _cancel(self.paused.timer)
-                self.on_paused(cause)
+        """Take no new messages; those in flight finish; try one again after a backoff.
+
+        Paused by the operator, no message is tried until `resume`; the
+        operator may take over a pause that is on already.
+        """
+        paused = self.paused
+        if paused is not None:
+            if by_operator and not paused.by_operator:
+                paused.by_operator = True
+                paused.cause = cause
+                self.machine.fire(Event.PAUSE, Facts(reason=cause, by_operator=True, again=True))
             return
         s = self.settings
         if delay is None:
             delay = self._pause_delay or min(s.pause_max, max(1.0, s.retry_delay))
         self._pause_delay = min(s.pause_max, delay * 2)
         self.paused = Paused(cause, by_operator=by_operator, delay=delay)
-        self._unsubscribe()
-        waiting, self._waiting = self._waiting, deque()
-        for waiter in waiting:
-            self._settle(waiter, Outcome.REQUEUED)
-        if by_operator:
-            log.warn("Paused: {cause}; send SIGCONT to resume", cause=cause, pause_cause=cause)
-        else:
-            log.warn(
-                "Paused: {cause}; no new messages until one succeeds again, trying one in {delay:g}s",
-                cause=cause,
-                delay=delay,
-                pause_cause=cause,
-            )
-            self._schedule_probe()
-        self.on_paused(cause)
+        self.machine.fire(Event.PAUSE, Facts(reason=cause, delay=delay, by_operator=by_operator))
 
     def resume(self) -> None:
         """Take messages at full speed again (after a probe succeeded, or by the operator)."""
@@ -657,44 +651,44 @@ class Consumer:
         _cancel(paused.timer)
         self._pause_delay = 0.0
         self._failures_in_row = 0
-        log.info("Resuming after a pause ({cause})", cause=paused.cause)
+        self.machine.fire(Event.RESUME, Facts(reason=paused.cause, by_operator=paused.by_operator))
+
+    def _hold(self, transition: Transition) -> None:
+        """Paused (or still paused): no subscription, nothing waiting, and the next probe timed."""
         self._unsubscribe()
-        self._subscribe(self.settings.prefetch)
-        self.on_paused(None)
-
-    def _schedule_probe(self) -> None:
-        paused = self.paused
-        if paused is None or paused.by_operator or paused.probing:
-            return
-        _cancel(paused.timer)
-        paused.timer = self.clock.callLater(paused.delay, self._probe)
-
-    def _probe(self) -> None:
-        """Subscribe for one message: whether it succeeds says whether the downstream is back."""
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            self._settle(waiter, Outcome.REQUEUED)
         paused = self.paused
         if paused is None:
             return
+        _cancel(paused.timer)
         paused.timer = None
-        if self.state is not ConsumerState.CONSUMING or self.channel is None:
-            return  # attach() schedules the next probe once connected again
-        paused.probing = True
-        log.info("Paused: trying one message ({cause})", cause=paused.cause)
+        if not paused.by_operator:
+            paused.timer = self.clock.callLater(paused.delay, self._probe)
+
+    def _probe(self) -> None:
+        """The pause's backoff is over: try one message."""
+        paused = self.paused
+        if paused is not None:
+            paused.timer = None
+            self.machine.fire(Event.PROBE, Facts(reason=paused.cause))
+
+    def _try_one(self, transition: Transition) -> None:
+        """Subscribe for one message: whether it succeeds says whether the downstream is back."""
         self._subscribe(1)
+
+    def _resubscribe(self, transition: Transition) -> None:
+        self._unsubscribe()
+        self._subscribe(self.settings.prefetch)
 
     def _probe_failed(self, reason: str) -> None:
         paused = self.paused
         if paused is None:
             return
-        paused.probing = False
         paused.delay = self._pause_delay or paused.delay
         self._pause_delay = min(self.settings.pause_max, paused.delay * 2)
-        self._unsubscribe()
-        log.warn(
-            "Still paused: the probe failed ({reason}); trying again in {delay:g}s",
-            reason=reason,
-            delay=paused.delay,
-        )
-        self._schedule_probe()
+        self.machine.fire(Event.PROBE_FAILED, Facts(reason=reason, delay=paused.delay))
 
     def _subscribe(self, prefetch: int) -> None:
         channel = self.channel
@@ -737,8 +731,7 @@ class Consumer:
         connection = self.connection
         if (
             connection is None
-            or self.state is not ConsumerState.CONSUMING
-            or self.paused is not None
+            or self.state is not State.CONSUMING
             or self.consumer_tag is None
             or len(self.inflight) >= min(s.concurrency, s.prefetch)
             or self.clock.seconds() - self.last_delivery < s.stall_check
@@ -756,8 +749,7 @@ class Consumer:
             ready = int(frame.method.message_count)
             idle = self.clock.seconds() - self.last_delivery
             if ready and idle >= s.stall_check and self.connection is connection:
-                self.state = ConsumerState.IDLE
-                self.on_lost(
+                self._lost(
                     f"no delivery for {idle:.0f}s though queue {s.queue!r} holds {ready} ready "
                     f"message(s) and {len(self.inflight)} of ours are in flight (the broker no "
                     f"longer delivers to us: --stall-check)"
@@ -851,7 +843,7 @@ class Consumer:
     ) -> None:
         if delivery.abandoned or delivery.phase is Phase.SETTLED:
             return
-        if failure.check(PublishRefused) and self.state is ConsumerState.CONSUMING:
+        if failure.check(PublishRefused) and self.state in CONNECTED:
             # The broker closed the channel over a publish: this copy, or another one
             # in flight with it. Published again one at a time, the guilty one shows.
             log.warn(
@@ -874,7 +866,7 @@ class Consumer:
             reason=reason,
             delay=HAND_BACK_PAUSE,
         )
-        if self.state is ConsumerState.DRAINING:
+        if self.state in ENDING:
             self._settle(delivery, Outcome.REJECTED)
             return
         # Held back briefly so that a failure that keeps happening never spins hot.
@@ -887,7 +879,7 @@ class Consumer:
         """Publish the next refused copy on its own: refused again, it is the guilty one."""
         while self._suspects and self._suspects[0][0].phase is Phase.SETTLED:
             self._suspects.popleft()
-        if not self._suspects or self.state is not ConsumerState.CONSUMING:
+        if not self._suspects or self.state not in CONNECTED:
             self._isolating = False
             return
         channel = self.publisher.channel
@@ -961,9 +953,10 @@ class Consumer:
         """Stop taking messages and wait up to ``timeout`` s for in-flight ones.
 
         Those still running at the deadline are handed back to the broker and
-        their handlers' results ignored. Fires when nothing is in flight.
+        their handlers' results ignored. Fires when nothing is in flight. The
+        consumer's part of a stop: the machine is stopping already, so
+        nothing new is taken.
         """
-        self.state = ConsumerState.DRAINING
         self._stop_stall_check()
         self._unsubscribe()
         if self.paused is not None:
@@ -982,7 +975,6 @@ class Consumer:
         if not self.inflight:
             self.flush()
             self._stop_sweeping()
-            self.state = ConsumerState.STOPPED
             return succeed(None)
         self._drained = Deferred()
         self._deadline = self.clock.callLater(timeout, self._give_up)
@@ -1027,7 +1019,6 @@ class Consumer:
             self._deadline.cancel()
         self._deadline = None
         drained, self._drained = self._drained, None
-        self.state = ConsumerState.STOPPED
         if drained is not None:
             drained.callback(None)
 

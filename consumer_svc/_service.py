@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import enum
 import functools
 import os
 import random
@@ -20,19 +19,20 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ._amqp import AMQPConnection, AMQPFactory, Cause, Lost, connection_parameters
+from ._amqp import AMQPConnection, AMQPFactory, Cause, connection_parameters
 from ._backoff import Backoff
-from ._consumer import Consumer, SetupFailed
-from ._errors import AccessRefused, ExitStatus, FatalError
+from ._consumer import Consumer
+from ._errors import AccessRefused, ExitStatus
 from ._handler import Handler, Invoker
 from ._health import HealthFactory, Metrics, health_site
 from ._log import bridge_pika_logging
 from ._notify import Notifier
+from ._observers import LogLines, MetricsObserver, Readiness, SystemdStatus
 from ._secrets import install as install_redaction
 from ._settings import Settings
+from ._states import Action, Event, Facts, Machine, State, Transition
 
 if TYPE_CHECKING:
     from ._tracing import Tracing
@@ -45,18 +45,6 @@ CLOSE_TIMEOUT = 5.0
 #: acks owed) gets whatever is left of ``shutdown_timeout + STOP_GRACE``; at that point the
 #: stop is over whatever is still pending, so the process ends within --shutdown-timeout + 5 s.
 STOP_GRACE = 4.5
-
-
-class State(enum.Enum):
-    """Where the service is; see README.md "What the log says"."""
-
-    STOPPED = "stopped"
-    CONNECTING = "connecting"
-    SETTING_UP = "setting up"
-    CONSUMING = "consuming"
-    WAITING = "waiting to reconnect"
-    STOPPING = "stopping"
-    FAILED = "failed"
 
 
 class _DaemonThreadPool(ThreadPool):
@@ -89,7 +77,12 @@ def exit_process(status: ExitStatus, reactor: Any) -> None:
         os._exit(int(status))
 
     atexit.register(hard_exit)
-    reactor.callWhenRunning(reactor.stop)
+
+    def stop() -> None:
+        with contextlib.suppress(net_errors.ReactorNotRunning):  # stopping already
+            reactor.stop()
+
+    reactor.callWhenRunning(stop)
 
 
 def tls_options(settings: Settings) -> Callable[[Any], Any]:
@@ -154,7 +147,6 @@ class ConsumerService(Service):
             reactor = default_reactor
         self.settings = settings
         self.handler = handler
-        self.state = State.STOPPED
         self.exit_status: ExitStatus | None = None
         #: The broker blocked our connection (a resource alarm): publishing waits.
         self.blocked = False
@@ -163,25 +155,22 @@ class ConsumerService(Service):
         self._exit = exit or functools.partial(exit_process, reactor=reactor)
         self._connection: AMQPConnection | None = None
         self.notifier = notifier or Notifier()
-        self._ready_sent = False
-        self._last_cause = ""
         self._watchdog: LoopingCall | None = None
+        #: Install the signal handlers when started (twistd): SIGTERM/SIGINT, SIGTSTP/SIGCONT.
         self._signals = signals
         self._signalled = False
         #: While stopping: when the stop must be over, the Deferred it fires, and its timer.
         self._stop_by = 0.0
         self._stop_done: Deferred[None] | None = None
         self._overdue: IDelayedCall | None = None
+        #: Where the service and its consumer are: moved only through `consumer_svc._states.TABLE`.
+        self.machine = Machine()
         self.threadpool = _DaemonThreadPool(0, settings.threads, "consumer_svc-blocking")
         self.invoker = Invoker(handler, reactor, self.threadpool)
-        self.consumer = Consumer(settings, self.invoker, reactor, self._subscription_lost)
+        self.consumer = Consumer(settings, self.invoker, reactor, self.machine)
         self.metrics = Metrics(inflight=lambda: len(self.consumer.inflight))
         self.consumer.on_outcome = self.metrics.settled
         self.consumer.on_handled = self.metrics.handled
-        self.consumer.on_fatal = self._fatal
-        self.consumer.on_paused = self._paused
-        #: Install SIGTSTP (pause) and SIGCONT (resume) handlers when started.
-        self._signals = signals
         self.factory = AMQPFactory(
             settings.urls,
             lambda url: connection_parameters(
@@ -197,6 +186,29 @@ class ConsumerService(Service):
             timeout=settings.connect_timeout,
             tls=tls_options(settings) if any(u.tls for u in settings.urls) else None,
         )
+        self._readiness = Readiness()
+        url = lambda: self.factory.url  # noqa: E731 - the URL current when a line is written
+        for observer in (
+            LogLines(settings, url, grace=CLOSE_TIMEOUT),
+            SystemdStatus(self.notifier, settings, url),
+            MetricsObserver(self.metrics),
+            self._readiness,
+        ):
+            self.machine.subscribe(observer)
+        for action, performer in (
+            (Action.CLOSE, self._close_connection),
+            (Action.SUCCEEDED, lambda _: self.factory.succeeded()),
+            (Action.GIVE_UP, self._give_up),
+            (Action.BEGIN_STOP, self._begin_stop),
+            (Action.HURRY_STOP, self._hurry_stop),
+            (Action.FINISH_STOP, self._finish_stop),
+        ):
+            self.machine.perform(action, performer)
+
+    @property
+    def state(self) -> State:
+        """Where the service is (README.md "States")."""
+        return self.machine.state
 
     # -- starting
 
@@ -206,11 +218,13 @@ class ConsumerService(Service):
         bridge_pika_logging()
         s = self.settings
         log.info(
-            "Starting: queue {queue!r} on {url}, handler {handler}{kind}, prefetch {prefetch}",
+            "Starting: queue {queue!r} on {url}, handler {handler}{kind}, concurrency "
+            "{concurrency}, prefetch {prefetch}",
             queue=s.queue,
             url=", ".join(str(url) for url in s.urls),
             handler=self.invoker.name,
             kind=" (blocking, in threads)" if self.invoker.blocking else "",
+            concurrency=s.concurrency,
             prefetch=s.prefetch,
         )
         self.consumer.tracing = _tracing()
@@ -229,7 +243,6 @@ class ConsumerService(Service):
 
     def _install_pause_signals(self) -> None:
         """SIGTSTP pauses the consumer (no probes), SIGCONT resumes it: the operator's switch."""
-        import signal
 
         def pause(signum: int, frame: object) -> None:
             self._reactor.callFromThread(
@@ -237,20 +250,16 @@ class ConsumerService(Service):
             )
 
         def resume(signum: int, frame: object) -> None:
-            if self.consumer.paused is not None and self.consumer.paused.by_operator:
-                self._reactor.callFromThread(self.consumer.resume)
+            self._reactor.callFromThread(self._operator_resume)
 
         signal.signal(signal.SIGTSTP, pause)
         signal.signal(signal.SIGCONT, resume)
 
-    def _paused(self, cause: str | None) -> None:
-        """The consumer paused (with its cause) or resumed (None): tell everyone who watches."""
-        self.metrics.paused.set(0 if cause is None else 1)
-        if cause is None:
-            self.notifier.notify(STATUS=f"Consuming queue {self.settings.queue}")
-        else:
-            self.metrics.pauses.inc()
-            self.notifier.notify(STATUS=f"Paused: {cause}")
+    def _operator_resume(self) -> None:
+        """SIGCONT ends the operator's pause (not one a failing downstream began)."""
+        paused = self.consumer.paused
+        if paused is not None and paused.by_operator:
+            self.consumer.resume()
 
     def _watchdog_ping(self) -> None:
         # This runs, so the reactor is responsive; the connection is healthy
@@ -258,115 +267,34 @@ class ConsumerService(Service):
         if self.state is not State.FAILED:
             self.notifier.notify(WATCHDOG=1)
 
-    # -- what the connection tells us (ConnectionListener)
+    # -- what the connection tells us (ConnectionListener): each an event
 
     def amqp_connecting(self) -> None:
-        if self.state in (State.STOPPING, State.FAILED):
-            return
-        self.state = State.CONNECTING
-        url = self.factory.url
-        self.notifier.notify(STATUS=f"Connecting to {url.host}:{url.port}")
-        log.info(
-            "Connecting to {host}:{port} (vhost {vhost!r})",
-            host=url.host,
-            port=url.port,
-            vhost=url.vhost,
-        )
+        self.machine.fire(Event.CONNECT)
 
     def amqp_ready(self, connection: AMQPConnection) -> None:
         self._connection = connection
-        if self.state in (State.STOPPING, State.FAILED):
-            connection.shutdown(CLOSE_TIMEOUT)
-            return
-        self.state = State.SETTING_UP
-        self.metrics.connections.inc()
-        self.metrics.connected.set(1)
-        log.info(
-            "Connected to {url} (heartbeat {heartbeat}s)",
-            url=str(self.factory.url),
-            heartbeat=self.settings.heartbeat,
-        )
-        d: Deferred[Any] = self.consumer.attach(connection)
-        d.addCallbacks(self._consuming, self._setup_failed, errbackArgs=(connection,))
-
-    def _consuming(self, _: object) -> None:
-        if self.state is not State.SETTING_UP:
-            return
-        self.state = State.CONSUMING
-        self.factory.succeeded()
-        self.metrics.reconnect_delay.set(0)
-        status = f"Consuming queue {self.settings.queue}"
-        if self._ready_sent:
-            self.notifier.notify(STATUS=status)
-        else:
-            self._ready_sent = True
-            self.notifier.notify(READY=1, STATUS=status)
-        log.info(
-            "Consuming queue {queue!r} (prefetch {prefetch})",
-            queue=self.settings.queue,
-            prefetch=self.settings.prefetch,
-        )
-
-    def _setup_failed(self, failure: Failure, connection: AMQPConnection) -> None:
-        if self.state in (State.STOPPING, State.FAILED) or connection.lost:
-            return  # amqp_lost tells the story
-        if failure.check(FatalError):
-            self._fatal(failure.value)  # type: ignore[arg-type]
-            return
-        if failure.check(SetupFailed):
-            log.warn(
-                "Setting up the consumer failed: {reason}; reconnecting",
-                reason=failure.getErrorMessage(),
-            )
-        else:
-            log.failure("Setting up the consumer failed; reconnecting", failure)
-        connection.shutdown(CLOSE_TIMEOUT)
-
-    def _subscription_lost(self, reason: str) -> None:
-        """The channel closed or the broker cancelled us while connected: start afresh."""
-        if self.state is not State.CONSUMING:
-            return
-        self.state = State.WAITING
-        log.warn(
-            "Lost the consumer of queue {queue!r}: {reason}; reconnecting",
-            queue=self.settings.queue,
-            reason=reason,
-        )
-        if self._connection is not None:
-            self._connection.shutdown(CLOSE_TIMEOUT)
+        self.machine.fire(Event.CONNECTED, Facts(connection=connection))
 
     def amqp_lost(self, connection: AMQPConnection | None, cause: Cause) -> None:
-        if connection is not None and connection is self._connection:
+        current = connection is not None and connection is self._connection
+        if current:
             self._connection = None
             self.blocked = self.consumer.publisher.blocked = False
-            self.metrics.connected.set(0)
         self.consumer.detach()
-        if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
-            log.debug("Connection closed: {cause}", cause=str(cause))
+        if cause.fatal and self.state not in (State.STOPPING, State.STOPPED):
+            self.machine.fire(Event.FAIL, Facts(error=AccessRefused(str(cause))))
             return
-        if cause.fatal:
-            self._fatal(AccessRefused(str(cause)))
-            return
-        self._last_cause = str(cause)
-        was = self.state
-        self.state = State.WAITING
-        opened = connection is not None and connection.opened
-        log.warn(
-            "{what} {host}:{port}: {cause}",
-            what="Lost the connection to" if opened else "Could not connect to",
-            host=self.factory.url.host,
-            port=self.factory.url.port,
-            cause=cause.detail if cause.kind is Lost.CONNECT_FAILED else str(cause),
-            lost=cause.kind.name,
-            previous_state=was.value,
+        facts = Facts(
+            connection=connection,
+            current=current,
+            opened=connection is not None and connection.opened,
+            cause=cause,
         )
+        self.machine.fire(Event.LOST, facts)
 
     def amqp_retrying(self, delay: float, attempt: int) -> None:
-        self.metrics.reconnect_delay.set(delay)
-        self.notifier.notify(
-            STATUS=f"Reconnecting in {delay:.1f}s (attempt {attempt}): {self._last_cause}"
-        )
-        log.info("Reconnecting in {delay:.1f}s (attempt {attempt})", delay=delay, attempt=attempt)
+        self.machine.fire(Event.RETRY, Facts(delay=delay, attempt=attempt))
 
     def amqp_blocked(self, blocked: bool, reason: str) -> None:
         self.blocked = self.consumer.publisher.blocked = blocked
@@ -377,33 +305,59 @@ class ConsumerService(Service):
 
     def readiness(self) -> tuple[bool, str]:
         """Ready while consuming; the state in words either way (for /readyz)."""
-        state = self.state.value + (", blocked by the broker" if self.blocked else "")
-        paused = self.consumer.paused
-        if self.state is State.CONSUMING and paused is not None:
-            return False, f"paused: {paused.cause}"
-        return self.state is State.CONSUMING, state
+        return self._readiness.readiness(self.blocked)
 
     def health_site(self) -> HealthFactory:
         """The HTTP site for --health-port: /healthz, /readyz, /metrics."""
         return health_site(self.metrics, self.readiness)
 
-    # -- giving up
+    # -- the actions the table gives the service
 
-    def _fatal(self, error: FatalError) -> None:
-        if self.state is State.FAILED:
-            return
-        self.state = State.FAILED
+    def _close_connection(self, transition: Transition) -> None:
+        """Close the event's connection (else the current one), to start afresh."""
+        connection = transition.facts.connection or self._connection
+        if connection is not None:
+            connection.shutdown(CLOSE_TIMEOUT)
+
+    def _give_up(self, transition: Transition) -> None:
+        """Retrying cannot fix this: stop reconnecting, close, end the process with its status."""
+        error = transition.facts.error
+        assert error is not None
         self.exit_status = error.status
-        log.critical(
-            "Giving up, retrying cannot fix this: {reason} (exit status {status})",
-            reason=str(error),
-            status=int(error.status),
-        )
         self.factory.stopTrying()
-        self.notifier.notify(STATUS=f"Failed (exit status {int(error.status)}): {error}")
         if self._connection is not None:
             self._connection.shutdown(CLOSE_TIMEOUT)
         self._exit(error.status)
+
+    def _begin_stop(self, transition: Transition) -> None:
+        """Stop reconnecting, drain what is in flight and close, all within one deadline."""
+        self.factory.stopTrying()
+        connector = self.factory.connector
+        if self._connection is None and connector is not None:
+            with contextlib.suppress(net_errors.NotConnectingError):
+                connector.stopConnecting()
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+        timeout = transition.facts.timeout
+        # One deadline for the whole stop: the drain, then the close with what is left.
+        budget = timeout + STOP_GRACE
+        self._stop_by = self._reactor.seconds() + budget
+        self._overdue = self._reactor.callLater(budget, self._stop_overdue)
+        d = self.consumer.drain(timeout)
+        d.addCallback(lambda _: self._close())
+        d.addErrback(lambda failure: log.failure("Stopping failed", failure))
+        d.addCallback(lambda _: self._stopped())
+
+    def _hurry_stop(self, transition: Transition) -> None:
+        """Hand back what is in flight now and bound the close (a second signal)."""
+        self.consumer.hurry()
+        self._shorten_stop(CLOSE_TIMEOUT)
+
+    def _finish_stop(self, transition: Transition) -> None:
+        """The stop is over: fire the Deferred stopService returned."""
+        done, self._stop_done = self._stop_done, None
+        if done is not None:
+            done.callback(None)
 
     # -- stopping
 
@@ -437,16 +391,7 @@ class ConsumerService(Service):
         back; the acks owed are still sent, and the close may take at most
         `CLOSE_TIMEOUT` seconds more.
         """
-        if self.state not in (State.STOPPING, State.FAILED) or self._stop_done is None:
-            return
-        log.warn(
-            "{why} again while stopping: handing back what is in flight now, then closing "
-            "(at most {grace:g}s more)",
-            why=why,
-            grace=CLOSE_TIMEOUT,
-        )
-        self.consumer.hurry()
-        self._shorten_stop(CLOSE_TIMEOUT)
+        self.machine.fire(Event.HURRY, Facts(why=why))
 
     def _shorten_stop(self, seconds: float) -> None:
         by = self._reactor.seconds() + seconds
@@ -458,33 +403,12 @@ class ConsumerService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self.state is not State.FAILED:
-            self.state = State.STOPPING
-        self.factory.stopTrying()
-        connector = self.factory.connector
-        if self._connection is None and connector is not None:
-            with contextlib.suppress(net_errors.NotConnectingError):
-                connector.stopConnecting()
-        inflight = len(self.consumer.inflight)
-        self.notifier.notify(STOPPING=1, STATUS=f"Draining {inflight} in-flight message(s)")
-        if self._watchdog is not None and self._watchdog.running:
-            self._watchdog.stop()
-        timeout = self.settings.shutdown_timeout
-        log.info(
-            "Stopping: {count} message(s) in flight, waiting up to {timeout:g}s for them",
-            count=inflight,
-            timeout=timeout,
-        )
-        # One deadline for the whole stop: the drain, then the close with what is left.
-        budget = timeout + STOP_GRACE
-        self._stop_by = self._reactor.seconds() + budget
+        if self.state is State.STOPPING:
+            return succeed(None)  # the first stop goes on
         done: Deferred[None] = Deferred()
         self._stop_done = done
-        self._overdue = self._reactor.callLater(budget, self._stop_overdue)
-        d = self.consumer.drain(timeout)
-        d.addCallback(lambda _: self._close())
-        d.addErrback(lambda failure: log.failure("Stopping failed", failure))
-        d.addCallback(lambda _: self._stopped())
+        facts = Facts(inflight=len(self.consumer.inflight), timeout=self.settings.shutdown_timeout)
+        self.machine.fire(Event.STOP, facts)
         return done
 
     def _close(self) -> Deferred[None]:
@@ -512,8 +436,7 @@ class ConsumerService(Service):
         self._stopped()
 
     def _stopped(self) -> None:
-        done, self._stop_done = self._stop_done, None
-        if done is None:
+        if self._stop_done is None:
             return  # ended already (overdue)
         if self._overdue is not None and self._overdue.active():
             self._overdue.cancel()
@@ -525,9 +448,4 @@ class ConsumerService(Service):
                 count=busy,
             )
         self.threadpool.stop()
-        if self.state is not State.FAILED:
-            self.state = State.STOPPED
-        self.notifier.notify(STATUS="Stopped")
-        self.notifier.close()
-        log.info("Stopped")
-        done.callback(None)
+        self.machine.fire(Event.STOP_DONE)

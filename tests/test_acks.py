@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from consumer_svc import Message
 from consumer_svc._acks import Acks
 from consumer_svc._consumer import Consumer
+from consumer_svc.testing._fakes import connect
 
 
 class Broker(FakeChannel):
@@ -52,8 +53,8 @@ def test_a_run_of_finished_deliveries_is_acked_once() -> None:
     """Fifty messages handled in one reactor turn cost one multiple-ack."""
     clock = Clock()
     channel = Broker(clock)
-    consumer = Consumer(SETTINGS, Invoke(lambda m: None), clock, lambda why: None)  # type: ignore[arg-type]
-    consumer.attach(FakeConnection(Broker(clock), channel))  # type: ignore[arg-type]
+    consumer = Consumer(SETTINGS, Invoke(lambda m: None), clock)  # type: ignore[arg-type]
+    connect(consumer.machine, FakeConnection(Broker(clock), channel))
     for tag in range(1, 51):
         channel.deliver(tag)
     clock.advance(0)
@@ -108,8 +109,8 @@ def test_out_of_order_failures_and_lost_channels_never_ack_a_failed_message(
         channel.auto_confirm = False  # failures cannot be parked: they are handed back
     # All 30 run at once, and failures in a row never pause: the ledger alone is under test.
     settings = dataclasses.replace(SETTINGS, concurrency=30, pause_after=0)
-    consumer = Consumer(settings, Invoke(handler), clock, lambda why: None)  # type: ignore[arg-type]
-    consumer.attach(FakeConnection(*channels))  # type: ignore[arg-type]
+    consumer = Consumer(settings, Invoke(handler), clock)  # type: ignore[arg-type]
+    connect(consumer.machine, FakeConnection(*channels))
     succeeded: set[int] = set()
     for tag in range(1, 31):
         first.deliver(tag)

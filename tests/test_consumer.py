@@ -18,9 +18,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from consumer_svc import Message, Reject, Retry
-from consumer_svc._consumer import Consumer, ConsumerState
+from consumer_svc._consumer import Consumer
 from consumer_svc._settings import Settings, parse_url
+from consumer_svc._states import Event, Facts, State, Transition
 from consumer_svc.testing import FakeChannel, FakeConnection
+from consumer_svc.testing._fakes import connect
 
 
 class Invoke:
@@ -55,6 +57,7 @@ class Setup:
         self,
         behaviour: Callable[[Message], Any],
         refuse_declares: Exception | None = None,
+        state: State = State.CONSUMING,
         **settings: Any,
     ) -> None:
         self.clock = Clock()
@@ -62,17 +65,28 @@ class Setup:
         self.channel = FakeChannel(self.clock)
         self.lost: list[str] = []
         self.paused: list[str | None] = []
+        self.fatal: list[Exception] = []
         self.consumer = Consumer(
             dataclasses.replace(SETTINGS, **settings),
             Invoke(behaviour),  # type: ignore[arg-type]
             self.clock,
-            self.lost.append,
-            on_paused=self.paused.append,
         )
+        self.consumer.machine.subscribe(self.note)
         self.connection = FakeConnection(self.publisher, self.channel)
         self.connection.refuse_declares = refuse_declares
-        self.consumer.attach(self.connection)  # type: ignore[arg-type]
-        assert self.consumer.state is ConsumerState.CONSUMING
+        connect(self.consumer.machine, self.connection)
+        assert self.consumer.state is state
+
+    def note(self, t: Transition) -> None:
+        """What the service would hear: losses, pauses (their causes) and resumes (None), fatal errors."""
+        if t.event is Event.SUBSCRIPTION_LOST:
+            self.lost.append(t.facts.reason)
+        elif t.event is Event.PAUSE:
+            self.paused.append(t.facts.reason)
+        elif t.event is Event.RESUME:
+            self.paused.append(None)
+        elif t.event is Event.FAIL and t.facts.error is not None:
+            self.fatal.append(t.facts.error)
 
 
 def consuming(
@@ -80,6 +94,12 @@ def consuming(
 ) -> tuple[Consumer, FakeChannel, Clock, list[str]]:
     setup = Setup(behaviour)
     return setup.consumer, setup.channel, setup.clock, setup.lost
+
+
+def stop(consumer: Consumer, timeout: float) -> Deferred[None]:
+    """Stop as the service does: the machine first (nothing new is taken), then the drain."""
+    consumer.machine.fire(Event.STOP, Facts(timeout=timeout))
+    return consumer.drain(timeout)
 
 
 def failing(error: Exception) -> Callable[[Message], None]:
@@ -132,7 +152,7 @@ def test_no_ack_goes_to_a_channel_other_than_the_delivery_s() -> None:
         "channel closed by the broker: 406 PRECONDITION_FAILED - unknown delivery tag 1"
     ]
     new = FakeChannel(clock)
-    consumer.attach(FakeConnection(FakeChannel(clock), new))  # type: ignore[arg-type]
+    connect(consumer.machine, FakeConnection(FakeChannel(clock), new))
     pending.callback(None)
     assert old.settled == []
     assert new.settled == []
@@ -144,14 +164,13 @@ def test_draining_waits_for_in_flight_messages_and_acks_them() -> None:
     pending: Deferred[None] = Deferred()
     consumer, channel, clock, _ = consuming(lambda m: pending)
     channel.deliver(1)
-    drained = consumer.drain(timeout=30)
+    drained = stop(consumer, 30)
     assert channel.cancelled
     assert not drained.called
     clock.advance(10)
     pending.callback(None)
     assert drained.called
     assert channel.settled == [("ack", 1)]
-    assert consumer.state is ConsumerState.STOPPED
     assert clock.getDelayedCalls() == []
 
 
@@ -160,7 +179,7 @@ def test_the_deadline_hands_back_what_is_still_running() -> None:
     pending: Deferred[None] = Deferred()
     consumer, channel, clock, _ = consuming(lambda m: pending)
     channel.deliver(1)
-    drained = consumer.drain(timeout=30)
+    drained = stop(consumer, 30)
     clock.advance(30)
     assert drained.called
     assert channel.settled == [("requeue", 1)]
@@ -173,7 +192,7 @@ def test_a_late_result_after_the_deadline_is_not_acked() -> None:
     late: Deferred[None] = Deferred()
     consumer, channel, clock, _ = consuming(lambda m: late)
     channel.deliver(1)
-    consumer.drain(timeout=5)
+    stop(consumer, 5)
     clock.advance(5)
     late.callback(None)  # the handler's own code fires it anyway
     assert channel.settled == [("requeue", 1)]
@@ -183,7 +202,7 @@ def test_messages_arriving_while_draining_are_handed_back_at_once() -> None:
     """A delivery that crossed our cancel in flight is requeued without calling the handler."""
     invoke_calls: list[int] = []
     consumer, channel, _, _ = consuming(lambda m: invoke_calls.append(m.delivery_tag))
-    consumer.drain(timeout=30)
+    stop(consumer, 30)
     channel.deliver(9)
     assert channel.settled == [("requeue", 9)]
     assert invoke_calls == []
@@ -194,7 +213,7 @@ def test_a_broker_cancel_is_reported() -> None:
     consumer, channel, _, lost = consuming(lambda m: None)
     assert channel.on_cancelled is not None
     channel.on_cancelled()
-    assert consumer.state is ConsumerState.IDLE
+    assert consumer.state is State.WAITING
     assert lost == ["the broker cancelled the consumer of queue 'q'"]
 
 
@@ -414,7 +433,7 @@ def test_draining_hands_back_held_messages_at_once() -> None:
     setup.publisher.auto_confirm = False
     setup.channel.deliver(1)
     setup.publisher.confirms[0].errback(NackError([]))
-    drained = setup.consumer.drain(timeout=30)
+    drained = stop(setup.consumer, 30)
     assert drained.called
     assert setup.channel.settled == [("reject+requeue", 1)]
     assert setup.clock.getDelayedCalls() == []
@@ -448,7 +467,7 @@ def test_a_retry_queue_that_cannot_be_declared_never_stops_consuming() -> None:
     setup.clock.advance(1.0)
     assert setup.channel.settled == [("reject+requeue", 1)]
     assert setup.lost == []
-    assert setup.consumer.state is ConsumerState.CONSUMING
+    assert setup.consumer.state is State.CONSUMING
     # Back again: the next failure is retried as usual.
     setup.connection.refuse_declares = None
     setup.channel.deliver(2)
@@ -458,16 +477,14 @@ def test_a_retry_queue_that_cannot_be_declared_never_stops_consuming() -> None:
 
 def test_a_dead_letter_queue_with_other_arguments_is_fatal() -> None:
     """A 406 on our own queue cannot be fixed by retrying: the service is told to stop."""
-    fatal: list[Exception] = []
-    consumer = Consumer(SETTINGS, Invoke(failing(Reject("bad"))), Clock(), lambda reason: None)  # type: ignore[arg-type]
-    consumer.on_fatal = fatal.append
-    connection = FakeConnection(FakeChannel(), FakeChannel())
-    connection.refuse_declares = ChannelClosedByBroker(
-        406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length'"
+    setup = Setup(
+        failing(Reject("bad")),
+        refuse_declares=ChannelClosedByBroker(
+            406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length'"
+        ),
+        state=State.FAILED,
     )
-    consumer.attach(connection)  # type: ignore[arg-type]
-    assert consumer.state is ConsumerState.CONSUMING
-    assert "queue 'q.dead' exists with other arguments" in str(fatal[0])
+    assert "queue 'q.dead' exists with other arguments" in str(setup.fatal[0])
 
 
 def test_a_copy_the_broker_refuses_is_parked_bare_without_a_reconnect() -> None:
@@ -555,8 +572,8 @@ def test_a_handler_returning_a_generator_is_retried_never_acked() -> None:
     clock = Clock()
     publisher, channel = FakeChannel(clock), FakeChannel(clock)
     invoke = Invoker(forgot_inline_callbacks, clock, threadpool=None)  # type: ignore[arg-type]
-    consumer = Consumer(SETTINGS, invoke, clock, lambda reason: None)
-    consumer.attach(FakeConnection(publisher, channel))  # type: ignore[arg-type]
+    consumer = Consumer(SETTINGS, invoke, clock)
+    connect(consumer.machine, FakeConnection(publisher, channel))
     channel.deliver(1)
     [(queue, _, headers)] = publisher.published
     assert queue == "q.retry.5s"
@@ -626,7 +643,7 @@ def test_log_lines_name_a_message_by_its_id_else_by_tag_and_channel() -> None:
         deliver_with_id(setup.channel, 2, None)
         setup.channel.die()
         again = FakeChannel(setup.clock)
-        setup.consumer.attach(FakeConnection(FakeChannel(setup.clock), again))  # type: ignore[arg-type]
+        connect(setup.consumer.machine, FakeConnection(FakeChannel(setup.clock), again))
         deliver_with_id(again, 1, None)
     finally:
         stop()
@@ -692,7 +709,7 @@ def test_waiting_messages_are_handed_back_at_once_on_stop() -> None:
     setup = Setup(lambda m: pending, concurrency=1)
     setup.channel.deliver(1)
     setup.channel.deliver(2)
-    drained = setup.consumer.drain(30)
+    drained = stop(setup.consumer, 30)
     assert setup.channel.settled == [("requeue", 2)]
     pending.callback(None)
     assert drained.called
@@ -802,7 +819,7 @@ def test_stopping_while_paused_leaves_no_timer() -> None:
     """A drain cancels the next probe."""
     setup = Setup(failing(RuntimeError("down")), pause_after=1)
     setup.channel.deliver(1)
-    setup.consumer.drain(30)
+    stop(setup.consumer, 30)
     setup.clock.advance(0)  # the acks' flush
     assert setup.clock.getDelayedCalls() == []
 

@@ -21,7 +21,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-__all__ = ["FakeChannel", "FakeConnection", "ImmediateReactor", "Sent", "SynchronousThreadPool"]
+from .._states import Event, Facts, Machine
+
+__all__ = [
+    "FakeChannel",
+    "FakeConnection",
+    "ImmediateReactor",
+    "Sent",
+    "SynchronousThreadPool",
+    "connect",
+]
 
 
 @dataclass(eq=False)
@@ -242,6 +251,12 @@ class FakeConnection:
         for channel in self.opened:
             found.update(channel.declared)
         return found
+
+
+def connect(machine: Machine, connection: FakeConnection) -> None:
+    """Tell ``machine`` that ``connection`` opened, as the service does; the consumer sets up on it."""
+    machine.fire(Event.CONNECT)
+    machine.fire(Event.CONNECTED, Facts(connection=connection))
 
 
 class SynchronousThreadPool:

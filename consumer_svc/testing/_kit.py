@@ -23,7 +23,15 @@ from .._handler import Handler, Invoker
 from .._message import Message
 from .._retry import ATTEMPTS, FAILURE, RETRIES, Decision, RetryPolicy, rung
 from .._settings import Settings, parse_url
-from ._fakes import FakeChannel, FakeConnection, ImmediateReactor, Sent, SynchronousThreadPool
+from .._states import Event, Transition
+from ._fakes import (
+    FakeChannel,
+    FakeConnection,
+    ImmediateReactor,
+    Sent,
+    SynchronousThreadPool,
+    connect,
+)
 
 __all__ = [
     "Confirm",
@@ -273,9 +281,8 @@ class _Run:
         self.lost: list[str] = []
         self.policy = _RecordingPolicy(runner.settings.max_retries, runner.settings.retry_delay)
         self.invoke = _NotingInvoker(runner._invoker)
-        self.consumer = Consumer(
-            runner.settings, cast(Invoker, self.invoke), self.clock, self.lost.append
-        )
+        self.consumer = Consumer(runner.settings, cast(Invoker, self.invoke), self.clock)
+        self.consumer.machine.subscribe(self._note_loss)
         self.consumer.policy = self.policy
         self.consumer.on_outcome = self.outcomes.append
         self.consumer.tracing = runner._tracing
@@ -285,9 +292,12 @@ class _Run:
         self.channel = FakeChannel(self.clock, number=2)
         self.result: Deferred[Result] = Deferred()
 
+    def _note_loss(self, transition: Transition) -> None:
+        if transition.event is Event.SUBSCRIPTION_LOST:
+            self.lost.append(transition.facts.reason)
+
     def start(self) -> Result | Deferred[Result]:
-        connection = FakeConnection(self.publishing, self.channel)
-        self.consumer.attach(cast(Any, connection))
+        connect(self.consumer.machine, FakeConnection(self.publishing, self.channel))
         incoming = self.incoming
         self.started = self.clock.seconds()
         self.channel.deliver(
