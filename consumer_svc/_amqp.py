@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from . import _codec
 from ._backoff import Backoff
-from ._settings import BrokerURL
+from ._url import BrokerURL
 
 # Headers pika cannot decode would drop the connection on every redelivery.
 _codec.install()

@@ -34,14 +34,8 @@ from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
 from ._secrets import redact
-from ._settings import (
-    BY_NAME,
-    DEFAULT_URL,
-    BrokerURL,
-    Connection,
-    check_tls_files,
-    resolve_connection,
-)
+from ._settings import BY_NAME, Connection, check_tls_files, resolve_connection
+from ._url import DEFAULT_URL, BrokerURL
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).
 NO_INPUT = 66  # EX_NOINPUT: the dead-letter queue (or the work queue) does not exist
