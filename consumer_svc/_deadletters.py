@@ -19,12 +19,11 @@ import re
 import socket
 import ssl
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import pika
-import pika.credentials
 import pika.exceptions
 from pika import spec
 from pika.adapters.utils import connection_workflow
@@ -32,9 +31,11 @@ from pika.adapters.utils import connection_workflow
 from . import _codec
 from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
+from ._parameters import connection_parameters as shared_parameters
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
 from ._secrets import redact
-from ._settings import BY_NAME, Connection, check_tls_files, resolve_connection
+from ._settings import BY_NAME, Connection, resolve_connection
+from ._tls import ssl_options
 from ._url import DEFAULT_URL, BrokerURL
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).
@@ -58,6 +59,9 @@ BLOCKED_TIMEOUT = 30.0
 _GAVE_UP = re.compile(r" \(gave up after \d+ attempts\)$")
 _NUMBERS = re.compile(r"(\d+)")
 _BROKER_CLOSE = re.compile(r"\((\d+)\) ['\"](.*)['\"]\s*$")
+
+#: TLS for each amqps:// URL (`_tls.ssl_options`).
+TLS = Callable[[BrokerURL], pika.SSLOptions]
 
 
 class CommandFailed(Exception):
@@ -223,51 +227,31 @@ def unreadable(properties: Any) -> str | None:
 # -- talking to the broker
 
 
-def tls_context(connection: Connection) -> ssl.SSLContext:
-    """TLS as the service does it: the chain verified against --tls-ca (else the system's
-    trust store) and the host name; with --tls-cert and --tls-key, a client certificate.
-
-    The files were checked by `resolve_connection` (`check_tls_files`), so a bad one
-    was already a `ConfigurationError` naming it.
-    """
-    check_tls_files(connection.tls_ca, connection.tls_cert, connection.tls_key)
-    context = ssl.create_default_context(cafile=connection.tls_ca)
-    if connection.tls_cert and connection.tls_key:
-        context.load_cert_chain(connection.tls_cert, connection.tls_key, password=lambda: b"")
-    return context
-
-
 def connection_parameters(
-    url: BrokerURL, tls: ssl.SSLContext | None = None, *, client_certificate: bool = False
+    url: BrokerURL, tls: TLS | None = None, *, client_certificate: bool = False
 ) -> pika.ConnectionParameters:
-    """Parameters for ``url`` with every wait bounded, named in the broker's connection list.
-
-    An amqps:// URL without credentials, with a client certificate, logs in with
-    EXTERNAL (the broker takes the user from the certificate), as the service does.
+    """The service's parameters for ``url`` (`_parameters`: the same login, EXTERNAL with a
+    client certificate and no credentials), plus what pika's own transport needs: host,
+    port, TLS (``tls``, from `_tls.ssl_options`; needed for amqps://) and every wait bounded.
     """
-    ssl_options = None
-    if url.tls:
-        ssl_options = pika.SSLOptions(tls or ssl.create_default_context(), server_hostname=url.host)
-    credentials: Any = pika.PlainCredentials(url.username, url.password)
-    if url.external_login(client_certificate):
-        credentials = pika.credentials.ExternalCredentials()
-    return pika.ConnectionParameters(
-        host=url.host,
-        port=url.port,
-        virtual_host=url.vhost,
-        credentials=credentials,
-        ssl_options=ssl_options,
-        connection_attempts=1,
-        socket_timeout=CONNECT_TIMEOUT,
-        stack_timeout=HANDSHAKE_TIMEOUT,
-        blocked_connection_timeout=BLOCKED_TIMEOUT,
-        client_properties={"connection_name": "consumer_svc dead-letters"},
+    if url.tls and tls is None:
+        raise ValueError(f"{url} needs TLS options")
+    parameters = shared_parameters(
+        url, name="consumer_svc dead-letters", client_certificate=client_certificate
     )
+    parameters.host = url.host
+    parameters.port = url.port
+    parameters.ssl_options = tls(url) if url.tls and tls is not None else None
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = CONNECT_TIMEOUT
+    parameters.stack_timeout = HANDSHAKE_TIMEOUT
+    parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
+    return parameters
 
 
 def connect(
     urls: tuple[BrokerURL, ...] | list[BrokerURL],
-    tls: ssl.SSLContext | None = None,
+    tls: TLS | None = None,
     *,
     client_certificate: bool = False,
 ) -> tuple[pika.BlockingConnection, BrokerURL]:
@@ -747,9 +731,7 @@ def run(
     prefix = "consumer_svc dead-letters"
     try:
         settings = connection_settings(args, environ)
-        tls = None
-        if any(url.tls for url in settings.urls) or settings.tls_ca or settings.tls_cert:
-            tls = tls_context(settings)
+        tls = ssl_options(settings) if any(url.tls for url in settings.urls) else None
     except ConfigurationError as e:
         print(f"{prefix}: error: {redact(escape(str(e)))}", file=err)
         return int(ExitStatus.CONFIG)

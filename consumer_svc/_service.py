@@ -33,6 +33,7 @@ from ._log import bridge_pika_logging
 from ._notify import Notifier
 from ._secrets import install as install_redaction
 from ._settings import Settings
+from ._tls import tls_options
 
 if TYPE_CHECKING:
     from ._tracing import Tracing
@@ -90,34 +91,6 @@ def exit_process(status: ExitStatus, reactor: Any) -> None:
 
     atexit.register(hard_exit)
     reactor.callWhenRunning(reactor.stop)
-
-
-def tls_options(settings: Settings) -> Callable[[Any], Any]:
-    """Client TLS for amqps://: the chain verified against --tls-ca (else the
-    system's trust store) and the host name through service-identity; with
-    --tls-cert and --tls-key, a client certificate for mutual TLS."""
-    from twisted.internet import ssl
-
-    trust: Any = ssl.platformTrust()
-    if settings.tls_ca:
-        with open(settings.tls_ca, "rb") as f:
-            trust = ssl.trustRootFromCertificates(
-                [ssl.Certificate.loadPEM(pem) for pem in _pem_certificates(f.read())]
-            )
-    client: Any = None
-    if settings.tls_cert and settings.tls_key:
-        with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
-            client = ssl.PrivateCertificate.loadPEM(cert.read() + b"\n" + key.read())
-
-    def options(url: Any) -> Any:
-        return ssl.optionsForClientTLS(url.host, trustRoot=trust, clientCertificate=client)
-
-    return options
-
-
-def _pem_certificates(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
 
 
 def _tracing() -> Tracing | None:

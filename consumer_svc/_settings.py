@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ._errors import ConfigurationError
+from ._tls import check_tls_files
 from ._url import DEFAULT_URL, BrokerURL, parse_url
 
 CONFIG_SECTION = "consumer"
@@ -519,49 +520,6 @@ def _connection(values: dict[str, Any], command_line: Mapping[str, Any]) -> Conn
         )
     check_tls_files(tls["tls_ca"], tls["tls_cert"], tls["tls_key"])
     return Connection(urls=urls, queue=queue, dead_letter_queue=dead_letter_queue, **tls)
-
-
-def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
-    """Load the TLS files as a TLS client would, before anything connects.
-
-    Raises `ConfigurationError` naming the file: not PEM, no certificate in
-    it, a key that is encrypted or does not belong to the certificate.
-    """
-    import ssl  # only when TLS files are given
-
-    def reason(error: BaseException) -> str:
-        if isinstance(error, ssl.SSLError) and error.reason:
-            return str(error.reason).replace("_", " ").lower()
-        if isinstance(error, OSError) and error.strerror:
-            return error.strerror
-        return str(error)
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca:
-        try:
-            context.load_verify_locations(cafile=ca)
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-ca {ca!r} holds no usable CA certificate (PEM): {reason(e)}"
-            ) from None
-        if not context.get_ca_certs():
-            raise ConfigurationError(f"--tls-ca {ca!r} holds no CA certificate (PEM)")
-    if cert and key:
-        try:
-            with open(cert, encoding="ascii", errors="replace") as f:
-                ssl.PEM_cert_to_DER_cert(f.read())
-        except (ValueError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-cert {cert!r} holds no certificate (PEM): {reason(e)}"
-            ) from None
-        try:
-            # No password prompt: an encrypted key fails here, as it would at connect time.
-            context.load_cert_chain(cert, key, password=lambda: b"")
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigurationError(
-                f"--tls-key {key!r} is not a usable private key for --tls-cert {cert!r}: "
-                f"{reason(e)}"
-            ) from None
 
 
 def resolve_connection(
