@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import secrets
 import sys
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from consumer_svc import ExitStatus
+from consumer_svc._deadletters import add_arguments
+from consumer_svc._options import BY_NAME, COMMAND_LINE, CONFIG, CONNECTION
+from consumer_svc._settings import Settings
+from consumer_svc._url import DEFAULT_URL, parse_url
 from consumer_svc.tap import Options
 
 
@@ -327,3 +332,47 @@ def test_help_says_a_timed_out_message_is_retried() -> None:
     usage = " ".join(str(Options(environ={})).split())
     assert "before it is cancelled; its message is then retried (a failed attempt)" in usage
     assert "requeued" not in usage
+
+
+# -- one description of each option: the table in consumer_svc/_options.py
+
+
+def test_help_lists_every_option_with_its_help() -> None:
+    """`twistd consumer --help` names each option of the table with its help text and default."""
+    usage = " ".join(Options(environ={}).getUsage(width=10_000).split())
+
+    for option in COMMAND_LINE:
+        assert f"--{option.name}" in usage
+        assert " ".join(option.usage.split()) in usage
+    assert "[default: 30]" in BY_NAME["heartbeat"].usage
+    assert "`" not in usage
+
+
+def test_the_dead_letters_tool_describes_its_options_as_the_service_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`dead-letters --help` takes --config and the connection options, with the table's help."""
+    monkeypatch.setenv("COLUMNS", "10000")
+    tool = argparse.ArgumentParser()
+    add_arguments(tool)
+
+    usage = " ".join(tool.format_help().split())
+
+    for option in (CONFIG, *CONNECTION):
+        assert f"--{option.name}" in usage
+        assert " ".join(option.usage.split()) in usage
+
+
+def test_settings_made_in_code_have_the_defaults_of_the_command_line() -> None:
+    """`Settings(url, queue)` equals what `--queue q` alone resolves to: one set of defaults."""
+    assert parse(["--queue", "q"]).settings == Settings(url=parse_url(DEFAULT_URL), queue="q")
+
+
+def test_url_takes_commas_as_the_environment_does() -> None:
+    """--url a,b names two brokers, as CONSUMER_URL=a,b does; an empty one is refused."""
+    from_flag = parse(["--queue", "q", "--url", "amqp://a/,amqp://b/"]).settings.urls
+    from_env = parse(["--queue", "q"], {"CONSUMER_URL": "amqp://a/,amqp://b/"}).settings.urls
+
+    assert [url.host for url in from_flag] == [url.host for url in from_env] == ["a", "b"]
+    with pytest.raises(SystemExit):
+        parse(["--queue", "q", "--url", ","])
