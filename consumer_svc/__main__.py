@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
         help="list or replay the messages parked in the dead-letter queue",
         description=(
             "List (list) or replay (replay) the messages the service parked in the\n"
-            "dead-letter queue: <queue>.dead unless --dead-letter-queue names another.\n\n"
+            "dead-letter queue: <queue>.dead unless --dead-letter-queue names another.\n"
+            "The options below may also come from the environment (CONSUMER_<OPTION>,\n"
+            "AMQP_URL) or the --config file, with the service's precedence.\n\n"
             "exit statuses: 0 done, 64 bad arguments, URL or TLS file, 66 no such queue,\n"
             "69 broker unreachable or lost, 77 access refused"
         ),

@@ -10,14 +10,11 @@ Importing it also installs our field-table codec into pika (`_codec`).
 from __future__ import annotations
 
 import enum
-import os
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pika
-import pika.credentials
 from pika import exceptions as pika_errors
 from pika import spec
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
@@ -35,7 +32,7 @@ from twisted.python.failure import Failure
 
 from . import _codec
 from ._backoff import Backoff
-from ._settings import BrokerURL
+from ._url import BrokerURL
 
 # Headers pika cannot decode would drop the connection on every redelivery.
 _codec.install()
@@ -149,28 +146,6 @@ def connect_failure(reason: Failure) -> Cause:
     if isinstance(value, net_errors.DNSLookupError):
         return Cause(Lost.CONNECT_FAILED, "host name not found")
     return Cause(Lost.CONNECT_FAILED, reason.getErrorMessage())
-
-
-def connection_parameters(
-    url: BrokerURL, *, heartbeat: int, name: str, client_certificate: bool = False
-) -> pika.ConnectionParameters:
-    """pika's parameters; host, port and TLS are Twisted's business, not pika's.
-
-    An amqps:// URL without credentials, with a client certificate, logs in
-    with EXTERNAL: the broker takes the user from the certificate.
-    """
-    credentials: Any = pika.PlainCredentials(url.username, url.password)
-    if url.external_login(client_certificate):
-        credentials = pika.credentials.ExternalCredentials()
-    return pika.ConnectionParameters(
-        virtual_host=url.vhost,
-        credentials=credentials,
-        heartbeat=heartbeat,
-        client_properties={
-            "connection_name": f"{name} on {socket.gethostname()} pid {os.getpid()}",
-            "product": "consumer_svc",
-        },
-    )
 
 
 class ConnectionListener(Protocol):

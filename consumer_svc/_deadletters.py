@@ -3,8 +3,10 @@
 ``python -m consumer_svc dead-letters --queue NAME list`` tallies the failures without
 taking anything away; ``... replay [--count N]`` moves messages back to the work queue,
 each one confirmed there before it leaves the dead-letter queue, stripped by the copy
-rules of `_copies`. It finds the broker as the service does (`resolve_connection`: the
-command line, ``CONSUMER_*``, ``AMQP_URL``, ``--url-file``, ``--config``, TLS files).
+rules of `_copies`. It finds and reaches the broker as the service does: its options
+come from the service's table (`_options.CONNECTION`), resolved by `resolve_connection`
+(the command line, ``CONSUMER_*``, ``AMQP_URL``, ``--url-file``, ``--config``), and it
+logs in and speaks TLS through `_parameters` and `_tls`.
 Everything a publisher wrote is untrusted: what is printed of it is escaped, and a
 message that cannot be decoded is counted and passed over, never a crash. A short-lived
 command, so it uses pika's ``BlockingConnection``: no reactor is installed or needed.
@@ -19,12 +21,11 @@ import re
 import socket
 import ssl
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import pika
-import pika.credentials
 import pika.exceptions
 from pika import spec
 from pika.adapters.utils import connection_workflow
@@ -32,16 +33,13 @@ from pika.adapters.utils import connection_workflow
 from . import _codec
 from ._copies import copy_properties, note_stripped, safe_headers, without_ours
 from ._errors import ConfigurationError, ExitStatus
+from ._options import CONFIG, CONNECTION
+from ._parameters import connection_parameters as shared_parameters
 from ._retry import ATTEMPTS, FAILED_AT, FAILURE, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY
 from ._secrets import redact
-from ._settings import (
-    BY_NAME,
-    DEFAULT_URL,
-    BrokerURL,
-    Connection,
-    check_tls_files,
-    resolve_connection,
-)
+from ._settings import Connection, resolve_connection
+from ._tls import ssl_options
+from ._url import BrokerURL
 
 #: sysexits.h statuses that `ExitStatus` has no member for (the service never needs them).
 NO_INPUT = 66  # EX_NOINPUT: the dead-letter queue (or the work queue) does not exist
@@ -64,6 +62,9 @@ BLOCKED_TIMEOUT = 30.0
 _GAVE_UP = re.compile(r" \(gave up after \d+ attempts\)$")
 _NUMBERS = re.compile(r"(\d+)")
 _BROKER_CLOSE = re.compile(r"\((\d+)\) ['\"](.*)['\"]\s*$")
+
+#: TLS for each amqps:// URL (`_tls.ssl_options`).
+TLS = Callable[[BrokerURL], pika.SSLOptions]
 
 
 class CommandFailed(Exception):
@@ -229,51 +230,32 @@ def unreadable(properties: Any) -> str | None:
 # -- talking to the broker
 
 
-def tls_context(connection: Connection) -> ssl.SSLContext:
-    """TLS as the service does it: the chain verified against --tls-ca (else the system's
-    trust store) and the host name; with --tls-cert and --tls-key, a client certificate.
-
-    The files were checked by `resolve_connection` (`check_tls_files`), so a bad one
-    was already a `ConfigurationError` naming it.
-    """
-    check_tls_files(connection.tls_ca, connection.tls_cert, connection.tls_key)
-    context = ssl.create_default_context(cafile=connection.tls_ca)
-    if connection.tls_cert and connection.tls_key:
-        context.load_cert_chain(connection.tls_cert, connection.tls_key, password=lambda: b"")
-    return context
-
-
 def connection_parameters(
-    url: BrokerURL, tls: ssl.SSLContext | None = None, *, client_certificate: bool = False
+    url: BrokerURL, tls: TLS | None = None, *, client_certificate: bool = False
 ) -> pika.ConnectionParameters:
-    """Parameters for ``url`` with every wait bounded, named in the broker's connection list.
-
-    An amqps:// URL without credentials, with a client certificate, logs in with
-    EXTERNAL (the broker takes the user from the certificate), as the service does.
+    """The service's parameters for ``url`` (`_parameters`: the same login, EXTERNAL with a
+    client certificate and no credentials), plus what pika's own transport needs: host,
+    port, TLS (``tls``, from `_tls.ssl_options`; needed for amqps://) and every wait bounded.
     """
-    ssl_options = None
-    if url.tls:
-        ssl_options = pika.SSLOptions(tls or ssl.create_default_context(), server_hostname=url.host)
-    credentials: Any = pika.PlainCredentials(url.username, url.password)
-    if url.external_login(client_certificate):
-        credentials = pika.credentials.ExternalCredentials()
-    return pika.ConnectionParameters(
-        host=url.host,
-        port=url.port,
-        virtual_host=url.vhost,
-        credentials=credentials,
-        ssl_options=ssl_options,
-        connection_attempts=1,
-        socket_timeout=CONNECT_TIMEOUT,
-        stack_timeout=HANDSHAKE_TIMEOUT,
-        blocked_connection_timeout=BLOCKED_TIMEOUT,
-        client_properties={"connection_name": "consumer_svc dead-letters"},
+    parameters = shared_parameters(
+        url, name="consumer_svc dead-letters", client_certificate=client_certificate
     )
+    parameters.host = url.host
+    parameters.port = url.port
+    if url.tls:
+        if tls is None:
+            raise ValueError(f"{url} needs TLS options")
+        parameters.ssl_options = tls(url)
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = CONNECT_TIMEOUT
+    parameters.stack_timeout = HANDSHAKE_TIMEOUT
+    parameters.blocked_connection_timeout = BLOCKED_TIMEOUT
+    return parameters
 
 
 def connect(
     urls: tuple[BrokerURL, ...] | list[BrokerURL],
-    tls: ssl.SSLContext | None = None,
+    tls: TLS | None = None,
     *,
     client_certificate: bool = False,
 ) -> tuple[pika.BlockingConnection, BrokerURL]:
@@ -627,51 +609,23 @@ def _replay_one(
 # -- the command
 
 
-def _option_help(name: str) -> str:
-    """The service's help for ``name`` (one source), escaped for argparse's % formatting."""
-    return BY_NAME[name].help.replace("%", "%%")
-
-
 def _connection_arguments(parser: argparse.ArgumentParser, *, again: bool = False) -> None:
-    """The options that say where the queues are.
+    """The service's options that say where the queues are, from its options table.
 
     ``again``: on a command's own parser, so that ``list --queue Q`` works as
     ``--queue Q list`` does; unset there, they leave the value given before alone.
     """
     keep: dict[str, Any] = {"default": argparse.SUPPRESS} if again else {}
-    parser.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="the service's INI file: its [consumer] section may set url, url-file, queue, "
-        "dead-letter-queue and tls-* (default: $CONSUMER_CONFIG)",
-        **keep,
-    )
-    parser.add_argument(
-        "--queue",
-        metavar="NAME",
-        help="the work queue (required here, as $CONSUMER_QUEUE or in --config)",
-        **keep,
-    )
-    parser.add_argument(
-        "--url",
-        action="append",
-        metavar="URL",
-        # argparse formats help with %: the %2F of the default URL needs escaping.
-        help="the broker; repeat it, or separate URLs by commas, for a cluster (default: "
-        f"$CONSUMER_URL, $AMQP_URL, else {DEFAULT_URL.replace('%', '%%')}); prefer "
-        "--url-file or the environment, as --url shows in ps",
-        **keep,
-    )
-    parser.add_argument("--url-file", metavar="FILE", help=_option_help("url-file"), **keep)
-    parser.add_argument(
-        "--dead-letter-queue",
-        metavar="NAME",
-        help="the dead-letter queue (default: <queue>.dead)",
-        **keep,
-    )
-    for name in ("tls-ca", "tls-cert", "tls-key"):
-        parser.add_argument(f"--{name}", metavar="FILE", help=_option_help(name), **keep)
+    for option in (CONFIG, *CONNECTION):
+        names = [f"-{option.short}"] if option.short else []
+        parser.add_argument(
+            *names,
+            f"--{option.name}",
+            action="append" if option.repeatable else "store",
+            metavar=option.metavar,
+            help=option.usage.replace("%", "%%"),  # argparse formats help with %
+            **keep,
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -723,20 +677,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connection_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Connection:
     """The connection options of a parsed command, resolved as the service resolves them."""
-    urls = None
-    if args.url is not None:
-        urls = [part for value in args.url for part in value.split(",") if part.strip()]
-        if not urls:
-            raise ConfigurationError("--url is empty")
-    given = {
-        "url": urls,
-        "url-file": args.url_file,
-        "queue": args.queue,
-        "dead-letter-queue": args.dead_letter_queue,
-        "tls-ca": args.tls_ca,
-        "tls-cert": args.tls_cert,
-        "tls-key": args.tls_key,
-    }
+    given = {option.name: getattr(args, option.attribute) for option in CONNECTION}
     return resolve_connection(given, environ, args.config)
 
 
@@ -753,9 +694,7 @@ def run(
     prefix = "consumer_svc dead-letters"
     try:
         settings = connection_settings(args, environ)
-        tls = None
-        if any(url.tls for url in settings.urls) or settings.tls_ca or settings.tls_cert:
-            tls = tls_context(settings)
+        tls = ssl_options(settings) if any(url.tls for url in settings.urls) else None
     except ConfigurationError as e:
         print(f"{prefix}: error: {redact(escape(str(e)))}", file=err)
         return int(ExitStatus.CONFIG)

@@ -18,7 +18,8 @@ from ._states import CONNECTED, ENDING, Event, State, Transition
 if TYPE_CHECKING:
     from ._health import Metrics
     from ._notify import Notifier
-    from ._settings import BrokerURL, Settings
+    from ._settings import Settings
+    from ._url import BrokerURL
 
 log = Logger(namespace="consumer_svc")
 #: The pause's lines have always been the consumer's.

@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ._amqp import AMQPConnection, AMQPFactory, Cause, connection_parameters
+from ._amqp import AMQPConnection, AMQPFactory, Cause
 from ._backoff import Backoff
 from ._consumer import Consumer
 from ._errors import AccessRefused, ExitStatus
@@ -30,9 +30,11 @@ from ._health import HealthFactory, Metrics, health_site
 from ._log import bridge_pika_logging
 from ._notify import Notifier
 from ._observers import LogLines, MetricsObserver, Readiness, SystemdStatus
+from ._parameters import connection_parameters
 from ._secrets import install as install_redaction
 from ._settings import Settings
 from ._states import Action, Event, Facts, Machine, State, Transition
+from ._tls import tls_options
 
 if TYPE_CHECKING:
     from ._tracing import Tracing
@@ -83,34 +85,6 @@ def exit_process(status: ExitStatus, reactor: Any) -> None:
             reactor.stop()
 
     reactor.callWhenRunning(stop)
-
-
-def tls_options(settings: Settings) -> Callable[[Any], Any]:
-    """Client TLS for amqps://: the chain verified against --tls-ca (else the
-    system's trust store) and the host name through service-identity; with
-    --tls-cert and --tls-key, a client certificate for mutual TLS."""
-    from twisted.internet import ssl
-
-    trust: Any = ssl.platformTrust()
-    if settings.tls_ca:
-        with open(settings.tls_ca, "rb") as f:
-            trust = ssl.trustRootFromCertificates(
-                [ssl.Certificate.loadPEM(pem) for pem in _pem_certificates(f.read())]
-            )
-    client: Any = None
-    if settings.tls_cert and settings.tls_key:
-        with open(settings.tls_cert, "rb") as cert, open(settings.tls_key, "rb") as key:
-            client = ssl.PrivateCertificate.loadPEM(cert.read() + b"\n" + key.read())
-
-    def options(url: Any) -> Any:
-        return ssl.optionsForClientTLS(url.host, trustRoot=trust, clientCertificate=client)
-
-    return options
-
-
-def _pem_certificates(data: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
 
 
 def _tracing() -> Tracing | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -13,13 +13,14 @@ from twisted.python import usage
 
 from ._errors import ExitStatus, FatalError
 from ._handler import Handler, load_handler, log_message
+from ._options import COMMAND_LINE, OPTIONS, Option
 from ._secrets import install as install_redaction
 from ._secrets import redact
-from ._settings import OPTIONS, Settings, resolve
+from ._settings import Settings, resolve
 
 
 class Options(usage.Options):
-    """``twistd consumer`` options; see README.md for each one."""
+    """``twistd consumer`` options, made from the options table (`_options`)."""
 
     synopsis = "--queue NAME [options]"
     longdesc = (
@@ -27,13 +28,11 @@ class Options(usage.Options):
         "handler succeeded. Settings come from the command line, then the environment "
         "(CONSUMER_<OPTION>, AMQP_URL), then --config FILE's [consumer] section."
     )
+    optFlags = [[o.name, o.short, o.usage] for o in COMMAND_LINE if o.flag]
     optParameters = [
-        ["config", "c", None, "An INI file whose [consumer] section sets options."]
-    ] + [
-        [o.name, None, None, f"{o.help}" + (f" [default: {o.default}]" if o.default else "")]
-        for o in OPTIONS
-        if not o.flag and not o.repeatable
+        [o.name, o.short, None, o.usage] for o in COMMAND_LINE if not (o.flag or o.repeatable)
     ]
+    # The repeatable options get an opt_ method each (below the class).
 
     settings: Settings
     handler: Handler
@@ -42,34 +41,14 @@ class Options(usage.Options):
         super().__init__()
         self._environ = os.environ if environ is None else environ
         self._repeated: dict[str, list[str]] = {o.name: [] for o in OPTIONS if o.repeatable}
-        for option in OPTIONS:
-            if option.flag:
-                # usage.Options stores flags as 0; "not given" must stay None
-                # so that the environment and the config file can set them.
-                self[option.name] = None
-
-    def opt_url(self, value: str) -> None:
-        """A broker URL; repeat it for the nodes of a cluster [default: $AMQP_URL, else localhost]."""
-        self._repeated["url"].append(value)
-
-    def opt_queue_arg(self, value: str) -> None:
-        """A queue argument KEY=VALUE, e.g. x-queue-type=quorum (repeatable)."""
-        self._repeated["queue-arg"].append(value)
-
-    def opt_routing_key(self, value: str) -> None:
-        """Bind the queue with this routing key (repeatable; needs --exchange)."""
-        self._repeated["routing-key"].append(value)
-
-    def opt_reply_to_allow(self, value: str) -> None:
-        """Also let message.reply() write to queues matching this glob (repeatable) [always allowed: amq.gen-*, amq.rabbitmq.reply-to*]."""
-        self._repeated["reply-to-allow"].append(value)
-
-    def opt_no_declare(self) -> None:
-        """Only check that the queue exists (passively); declare nothing."""
-        self["no-declare"] = True
 
     def postOptions(self) -> None:
-        given: dict[str, Any] = {o.name: self.get(o.name) for o in OPTIONS}
+        given: dict[str, Any] = {
+            o.name: self[o.name] for o in OPTIONS if not (o.flag or o.repeatable)
+        }
+        # usage.Options counts a flag as 0 or 1; "not given" must be None, so that the
+        # environment and the config file can set it.
+        given.update({o.name: True if self[o.name] else None for o in OPTIONS if o.flag})
         given.update(self._repeated)
         self.settings = resolve(given, self._environ, self["config"])
         s = self.settings
@@ -83,6 +62,21 @@ class Options(usage.Options):
             _exit_with(ExitStatus.CONFIG, str(e))
         except FatalError as e:
             _exit_with(e.status, str(e))
+
+
+def _collector(option: Option) -> Callable[[Options, str], None]:
+    """An ``opt_`` method that gathers each value of a repeatable option."""
+
+    def collect(self: Options, value: str) -> None:
+        self._repeated[option.name].append(value)
+
+    collect.__doc__ = option.usage  # usage.Options shows it in --help
+    return collect
+
+
+for _option in OPTIONS:
+    if _option.repeatable:
+        setattr(Options, f"opt_{_option.attribute}", _collector(_option))
 
 
 def _exit_with(status: ExitStatus, message: str) -> None:

@@ -11,6 +11,7 @@ the environment, --config).
 from __future__ import annotations
 
 import os
+import ssl
 import struct
 import subprocess
 import sys
@@ -349,6 +350,28 @@ def test_the_command_line_installs_no_reactor(tmp_path: Path) -> None:
     )  # fmt: skip
 
     assert result.stdout == "[]\n"
+
+
+def test_the_tool_logs_in_as_the_service_does() -> None:
+    """The tool's parameters are the service's (credentials, vhost, EXTERNAL, product) plus its own transport."""
+    from consumer_svc._parameters import connection_parameters as service_parameters
+    from consumer_svc._url import parse_url
+
+    for url, certificate in (("amqp://svc:pw@h:5673/jobs", False), ("amqps://h/", True)):
+        broker = parse_url(url)
+        tool_side = _deadletters.connection_parameters(
+            broker, lambda u: pika.SSLOptions(ssl.create_default_context(), u.host),
+            client_certificate=certificate,
+        )  # fmt: skip
+        service_side = service_parameters(broker, name="x", client_certificate=certificate)
+
+        assert type(tool_side.credentials) is type(service_side.credentials)
+        assert tool_side.credentials == service_side.credentials
+        assert tool_side.virtual_host == service_side.virtual_host == broker.vhost
+        assert tool_side.client_properties["product"] == "consumer_svc"
+        assert (tool_side.host, tool_side.port) == (broker.host, broker.port)
+        assert (tool_side.ssl_options is not None) == broker.tls
+        assert tool_side.connection_attempts == 1
 
 
 # -- finding the broker as the service does: TLS, --url-file, AMQP_URL, --config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -9,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from consumer_svc import ExitStatus
+from consumer_svc._deadletters import add_arguments
+from consumer_svc._options import BY_NAME, COMMAND_LINE, CONFIG, CONNECTION, markdown_table
+from consumer_svc._settings import Settings
+from consumer_svc._url import DEFAULT_URL, parse_url
 from consumer_svc.tap import Options
 
 
@@ -327,3 +333,79 @@ def test_help_says_a_timed_out_message_is_retried() -> None:
     usage = " ".join(str(Options(environ={})).split())
     assert "before it is cancelled; its message is then retried (a failed attempt)" in usage
     assert "requeued" not in usage
+
+
+# -- one description of each option: the table in consumer_svc/_options.py
+
+
+def rows_by_option(table: str) -> dict[str, str]:
+    """The rows of a Markdown options table, each by the name of its option."""
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    return {row.split("`--", 1)[1].split("`")[0].split()[0]: row for row in rows}
+
+
+def test_readme_holds_the_options_table() -> None:
+    """README.md's options table has every option, with the table's default, environment variables and help."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    expected = rows_by_option(markdown_table())
+
+    rows = rows_by_option(section)
+
+    differing = "\n".join(row for name, row in expected.items() if rows.get(name) != row)
+    assert rows == expected, f"README.md's options table should have these rows:\n{differing}"
+    assert list(rows) == [option.name for option in COMMAND_LINE]
+
+
+def test_help_lists_every_option_with_its_help() -> None:
+    """`twistd consumer --help` names each option of the table with its help text and default."""
+    usage = " ".join(Options(environ={}).getUsage(width=10_000).split())
+
+    for option in COMMAND_LINE:
+        assert f"--{option.name}" in usage
+        assert " ".join(option.usage.split()) in usage
+    assert "[default: 30]" in BY_NAME["heartbeat"].usage
+    assert "`" not in usage
+
+
+def test_the_dead_letters_tool_describes_its_options_as_the_service_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`dead-letters --help` takes --config and the connection options, with the table's help."""
+    monkeypatch.setenv("COLUMNS", "10000")
+    tool = argparse.ArgumentParser()
+    add_arguments(tool)
+
+    usage = " ".join(tool.format_help().split())
+
+    for option in (CONFIG, *CONNECTION):
+        assert f"--{option.name}" in usage
+        assert " ".join(option.usage.split()) in usage
+
+
+def test_the_shipped_tap_conf_sets_options_to_their_defaults() -> None:
+    """Each key of tap.conf (commented out or not) is an option, and each value it sets is the default but the queue."""
+    conf = (Path(__file__).parent.parent / "tap.conf").read_text(encoding="utf-8")
+    keys = re.findall(r"^#? ?([a-z][a-z-]*) = (.*)$", conf, flags=re.MULTILINE)
+    set_here = re.findall(r"^([a-z][a-z-]*) = (.*)$", conf, flags=re.MULTILINE)
+
+    assert {key for key, _ in keys} <= set(BY_NAME)
+    assert "queue" in dict(set_here)
+    assert {key: value for key, value in set_here if key != "queue"} == {
+        key: BY_NAME[key].default for key, _ in set_here if key != "queue"
+    }
+
+
+def test_settings_made_in_code_have_the_defaults_of_the_command_line() -> None:
+    """`Settings(url, queue)` equals what `--queue q` alone resolves to: one set of defaults."""
+    assert parse(["--queue", "q"]).settings == Settings(url=parse_url(DEFAULT_URL), queue="q")
+
+
+def test_url_takes_commas_as_the_environment_does() -> None:
+    """--url a,b names two brokers, as CONSUMER_URL=a,b does; an empty one is refused."""
+    from_flag = parse(["--queue", "q", "--url", "amqp://a/,amqp://b/"]).settings.urls
+    from_env = parse(["--queue", "q"], {"CONSUMER_URL": "amqp://a/,amqp://b/"}).settings.urls
+
+    assert [url.host for url in from_flag] == [url.host for url in from_env] == ["a", "b"]
+    with pytest.raises(SystemExit):
+        parse(["--queue", "q", "--url", ","])

@@ -1,9 +1,10 @@
-"""Broker URLs: parsed per the AMQP URI spec, printed without the password."""
+"""Broker URLs (`consumer_svc._url`): parsed per the AMQP URI spec, printed without the password."""
 
 import pytest
 
 from consumer_svc._errors import ConfigurationError
-from consumer_svc._settings import parse_url, redact
+from consumer_svc._secrets import redact
+from consumer_svc._url import parse_url
 
 
 @pytest.mark.parametrize(

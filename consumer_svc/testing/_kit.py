@@ -22,8 +22,9 @@ from .._consumer import Outcome as _Settled
 from .._handler import Handler, Invoker
 from .._message import Message
 from .._retry import ATTEMPTS, FAILURE, RETRIES, Decision, RetryPolicy, rung
-from .._settings import Settings, parse_url
+from .._settings import Settings
 from .._states import Event, Transition
+from .._url import parse_url
 from ._fakes import (
     FakeChannel,
     FakeConnection,
