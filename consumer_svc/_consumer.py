@@ -10,7 +10,6 @@ even if its handler later succeeds.
 from __future__ import annotations
 
 import enum
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,17 +29,15 @@ from ._amqp import AMQPConnection, Channel
 from ._codec import UndecodableHeaders, encodable
 from ._copies import copy_properties, note_stripped, safe_headers
 from ._errors import (
-    AccessRefused,
-    ConfigurationError,
     FatalError,
     Pause,
     PublishRefused,
     Reject,
     Retry,
-    TopologyMismatch,
 )
 from ._handler import Invoker
 from ._message import Message
+from ._outcome import Outcome
 from ._publisher import Publisher
 from ._retry import (
     Action,
@@ -56,7 +53,7 @@ from ._retry import (
 from ._settings import Settings
 from ._states import CONNECTED, ENDING, TAKING, Event, Facts, Machine, State, Transition
 from ._states import Action as Do
-from ._topology import FailureQueues
+from ._topology import FailureQueues, declare_work_queue, failure_targets, setup_error
 
 if TYPE_CHECKING:
     from ._tracing import Trace, Tracing
@@ -65,8 +62,6 @@ log = Logger(namespace="consumer_svc.consumer")
 
 #: A non-blocking handler that holds the reactor this long (seconds) is warned about.
 STALL_WARNING = 1.0
-#: RabbitMQ's 406 for an argument value of the wrong type or range (not a mismatch).
-_INVALID_ARG = re.compile(r"invalid arg '([^']+)'")
 #: Seconds a message is held before it is handed back when it could not be parked.
 HAND_BACK_PAUSE = 1.0
 
@@ -79,16 +74,6 @@ class Phase(enum.Enum):
     PUBLISHING = "publishing"  # waiting for confirms: the handler's publishes, or its parked copy
     HOLDING = "holding"  # could not be parked: held briefly, then handed back
     SETTLED = "settled"
-
-
-class Outcome(enum.Enum):
-    """How a message left us (the names are the metrics' outcome labels)."""
-
-    ACKED = "acked"  # the handler succeeded
-    RETRIED = "retried"  # acked once a confirmed copy waits in a retry queue
-    DEAD_LETTERED = "dead_lettered"  # acked once a confirmed copy is in the dead-letter queue
-    REJECTED = "rejected"  # basic.reject + requeue: it failed and could not be parked
-    REQUEUED = "requeued"  # basic.nack + requeue: not processed (stopping, deadline)
 
 
 @dataclass(eq=False)
@@ -127,10 +112,6 @@ class Paused:
     #: The wait before the next probe, in seconds.
     delay: float = 0.0
     timer: IDelayedCall | None = None
-
-
-class SetupFailed(Exception):
-    """Setting up the channels failed in a way that a reconnect may fix."""
 
 
 class _Unavailable(Exception):
@@ -253,15 +234,15 @@ class Consumer:
             self.acks = Acks(channel)
             channel.closed.addCallback(self._channel_closed, channel, "channel")
             channel.on_cancelled = self._cancelled_by_broker
-            yield self._declare(channel)
+            yield declare_work_queue(channel, self.settings)
             if self.paused is None:
                 yield channel.qos(self.settings.prefetch)
                 self.consumer_tag = yield channel.consume(self.settings.queue, self._on_message)
         except pika_errors.ChannelClosedByBroker as e:
-            raise self._setup_error(e) from None
+            raise setup_error(e, self.settings) from None
         if self.connection is connection and self.state is State.SETTING_UP:
             self.last_delivery = self.clock.seconds()
-            self._check_failure_queues()
+            self.failure_queues.check(failure_targets(self.settings, self.policy))
             self._start_stall_check()
             if self.paused is None:
                 self.machine.fire(Event.SET_UP)
@@ -274,77 +255,6 @@ class Consumer:
         publishing.closed.addCallback(self._channel_closed, publishing, "publisher channel")
         yield publishing.confirm()
         self.publisher.channel = publishing
-
-    def _failure_targets(self) -> list[tuple[str, dict[str, Any]]]:
-        """The dead-letter queue and the retry queues the schedule uses."""
-        s = self.settings
-        targets = [(s.dead_letter_queue, dead_letter_arguments(s.queue_arguments))]
-        for retry in range(1, s.max_retries + 1):
-            target = retry_queue(s.queue, self.policy.schedule(retry))
-            if target not in targets:
-                targets.append(target)
-        return targets
-
-    def _check_failure_queues(self) -> None:
-        """Declare (or check) the queues failures go to; name in one warning those that are not there."""
-        targets = self._failure_targets()
-        checks = [
-            self.failure_queues.ensure(name, arguments, quiet=True) for name, arguments in targets
-        ]
-
-        def report(results: list[bool]) -> None:
-            missing = [
-                f"{name} ({self.failure_queues.problem(name)})"
-                for (name, _), ok in zip(targets, results)
-                if not ok and self.failure_queues.problem(name)
-            ]
-            if missing:
-                log.warn(
-                    "Not available for failed messages: {missing}; until they are, failed "
-                    "messages meant for them are handed back to the broker",
-                    missing="; ".join(missing),
-                )
-
-        gatherResults(checks).addCallback(report)
-
-    def _declare(self, channel: Channel) -> Deferred[Any]:
-        s = self.settings
-        if not s.declare:
-            return channel.declare_queue(s.queue, passive=True, arguments={})
-
-        @inlineCallbacks
-        def declare() -> Any:
-            yield channel.declare_queue(s.queue, arguments=s.queue_arguments)
-            if s.exchange:
-                yield channel.declare_exchange(s.exchange, s.exchange_type)
-                for key in s.routing_keys or ("",):
-                    yield channel.bind(s.queue, s.exchange, key)
-
-        return declare()
-
-    def _setup_error(self, e: pika_errors.ChannelClosedByBroker) -> Exception:
-        s = self.settings
-        text = f"{e.reply_code} {e.reply_text}"
-        if e.reply_code == 403:
-            return AccessRefused(
-                f"the broker refused an operation on queue {s.queue!r}: {text} "
-                f"(user {s.url.username!r}, vhost {s.url.vhost!r})"
-            )
-        invalid = _INVALID_ARG.search(e.reply_text) if e.reply_code == 406 else None
-        if invalid and invalid.group(1) in s.queue_arguments:
-            key = invalid.group(1)
-            return ConfigurationError(
-                f"--queue-arg {key}={s.queue_arguments[key]!r} is not a valid value for "
-                f"{key}: the broker refused it ({text})"
-            )
-        if e.reply_code == 406:
-            return TopologyMismatch(
-                f"queue {s.queue!r} or its exchange exists with other arguments than configured "
-                f"(we declare {dict(s.queue_arguments)!r}): {text}"
-            )
-        if e.reply_code == 404 and not s.declare:
-            return SetupFailed(f"queue {s.queue!r} does not exist (--no-declare): {text}")
-        return SetupFailed(text)
 
     def _channel_closed(self, reason: BaseException, channel: Channel, which: str) -> None:
         if channel is self.publisher.channel:

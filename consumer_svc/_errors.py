@@ -34,6 +34,10 @@ class Pause(Exception):
         self.delay = delay
 
 
+class SetupFailed(Exception):
+    """Setting up the channels failed in a way that a reconnect may fix."""
+
+
 class UndecodableBody(Reject, ValueError):
     """The body could not be decoded (e.g. by ``Message.json()``): parked after one attempt."""
 

@@ -31,8 +31,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._consumer import Outcome
 from ._errors import ListenFailed
+from ._outcome import Outcome
 
 log = Logger(namespace="consumer_svc")
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from ._amqp import Lost
-from ._consumer import SetupFailed
+from ._errors import SetupFailed
 from ._states import CONNECTED, ENDING, Event, State, Transition
 
 if TYPE_CHECKING:

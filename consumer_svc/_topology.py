@@ -1,6 +1,9 @@
-"""The queues the service owns for failed messages: its retry queues and its dead-letter queue.
+"""What the service declares: the work queue (with its exchange and bindings) and the queues
+it owns for failed messages, its retry queues and its dead-letter queue.
 
-They are declared (or, with ``--no-declare``, checked passively) apart from
+The work queue is declared on the consuming channel while setting up, and a
+refusal is turned into what happens next (`setup_error`). The failure queues
+are declared (or, with ``--no-declare``, checked passively) apart from
 consuming: each on a channel of its own that is closed afterwards, so a
 refused declare (a node down, no permission, a missing queue) closes only
 that channel, never the one messages come from or the one copies are
@@ -12,21 +15,78 @@ than ours is fatal: retrying cannot fix it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pika import exceptions as pika_errors
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._amqp import Channel
-from ._errors import TopologyMismatch
-from ._retry import REDECLARE_AFTER
+from ._errors import AccessRefused, ConfigurationError, SetupFailed, TopologyMismatch
+from ._retry import REDECLARE_AFTER, RetryPolicy, dead_letter_arguments, retry_queue
+
+if TYPE_CHECKING:
+    from ._settings import Settings
 
 log = Logger(namespace="consumer_svc.topology")
+#: RabbitMQ's 406 for an argument value of the wrong type or range (not a mismatch).
+_INVALID_ARG = re.compile(r"invalid arg '([^']+)'")
+
+
+def declare_work_queue(channel: Channel, s: Settings) -> Deferred[Any]:
+    """Declare the work queue, its exchange and bindings (with --no-declare: check the queue)."""
+    if not s.declare:
+        return channel.declare_queue(s.queue, passive=True, arguments={})
+
+    @inlineCallbacks
+    def declare() -> Any:
+        yield channel.declare_queue(s.queue, arguments=s.queue_arguments)
+        if s.exchange:
+            yield channel.declare_exchange(s.exchange, s.exchange_type)
+            for key in s.routing_keys or ("",):
+                yield channel.bind(s.queue, s.exchange, key)
+
+    return declare()
+
+
+def setup_error(e: pika_errors.ChannelClosedByBroker, s: Settings) -> Exception:
+    """What a refusal while setting up means: a `FatalError` retrying cannot fix, else `SetupFailed`."""
+    text = f"{e.reply_code} {e.reply_text}"
+    if e.reply_code == 403:
+        return AccessRefused(
+            f"the broker refused an operation on queue {s.queue!r}: {text} "
+            f"(user {s.url.username!r}, vhost {s.url.vhost!r})"
+        )
+    invalid = _INVALID_ARG.search(e.reply_text) if e.reply_code == 406 else None
+    if invalid and invalid.group(1) in s.queue_arguments:
+        key = invalid.group(1)
+        return ConfigurationError(
+            f"--queue-arg {key}={s.queue_arguments[key]!r} is not a valid value for "
+            f"{key}: the broker refused it ({text})"
+        )
+    if e.reply_code == 406:
+        return TopologyMismatch(
+            f"queue {s.queue!r} or its exchange exists with other arguments than configured "
+            f"(we declare {dict(s.queue_arguments)!r}): {text}"
+        )
+    if e.reply_code == 404 and not s.declare:
+        return SetupFailed(f"queue {s.queue!r} does not exist (--no-declare): {text}")
+    return SetupFailed(text)
+
+
+def failure_targets(s: Settings, policy: RetryPolicy) -> list[tuple[str, dict[str, Any]]]:
+    """The dead-letter queue and the retry queues the schedule uses, with their arguments."""
+    targets = [(s.dead_letter_queue, dead_letter_arguments(s.queue_arguments))]
+    for retry in range(1, s.max_retries + 1):
+        target = retry_queue(s.queue, policy.schedule(retry))
+        if target not in targets:
+            targets.append(target)
+    return targets
 
 
 class ChannelOpener(Protocol):
@@ -65,6 +125,25 @@ class FailureQueues:
     def detach(self) -> None:
         self.connection = None
         self._known = {}
+
+    def check(self, targets: list[tuple[str, dict[str, Any]]]) -> None:
+        """Declare (or check) each of ``targets``; name in one warning those that are not there."""
+        checks = [self.ensure(name, arguments, quiet=True) for name, arguments in targets]
+
+        def report(results: list[bool]) -> None:
+            missing = [
+                f"{name} ({self.problem(name)})"
+                for (name, _), ok in zip(targets, results)
+                if not ok and self.problem(name)
+            ]
+            if missing:
+                log.warn(
+                    "Not available for failed messages: {missing}; until they are, failed "
+                    "messages meant for them are handed back to the broker",
+                    missing="; ".join(missing),
+                )
+
+        gatherResults(checks).addCallback(report)
 
     def problem(self, name: str) -> str | None:
         """Why ``name`` is unavailable, if it is."""

@@ -28,7 +28,6 @@ from twisted.python.failure import Failure
 from waiting import eventually, poll_until, within
 
 from consumer_svc import Message, Reject
-from consumer_svc._consumer import Outcome
 from consumer_svc._health import (
     CONNECTION_TIMEOUT,
     MAX_CONNECTIONS,
@@ -37,6 +36,7 @@ from consumer_svc._health import (
     Metrics,
     health_site,
 )
+from consumer_svc._outcome import Outcome
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -117,7 +117,7 @@ def test_the_fake_connection_offers_what_the_consumer_uses_of_the_real_one() -> 
 
 def test_every_outcome_of_the_consumer_has_a_name_in_the_kit() -> None:
     """A new consumer outcome must be mapped in the kit before this passes (PAUSED is a hand-back while paused)."""
-    from consumer_svc._consumer import Outcome as Settled
+    from consumer_svc._outcome import Outcome as Settled
     from consumer_svc.testing._kit import _SETTLED_AS
 
     assert set(_SETTLED_AS) == set(Settled)

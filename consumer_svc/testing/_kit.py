@@ -18,9 +18,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from .._consumer import Consumer, Delivery, Phase
-from .._consumer import Outcome as _Settled
 from .._handler import Handler, Invoker
 from .._message import Message
+from .._outcome import Outcome as _Settled
 from .._retry import ATTEMPTS, FAILURE, RETRIES, Decision, RetryPolicy, rung
 from .._settings import Settings
 from .._states import Event, Transition
