@@ -28,7 +28,7 @@ from consumer_svc.testing._fakes import connect
 
 
 class CountingChannel:
-    """Just enough of consumer_svc._amqp.Channel; reads end every ``per_read`` deliveries."""
+    """Just enough of consumer_svc._channel.Channel; reads end every ``per_read`` deliveries."""
 
     is_open = True
 

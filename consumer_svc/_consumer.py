@@ -25,8 +25,9 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ._acks import Acks
-from ._amqp import AMQPConnection, Channel
+from ._channel import Channel
 from ._codec import UndecodableHeaders, encodable
+from ._connection import AMQPConnection
 from ._copies import copy_properties, note_stripped, safe_headers
 from ._errors import (
     FatalError,

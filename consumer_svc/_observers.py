@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from ._amqp import Lost
+from ._causes import Lost
 from ._errors import SetupFailed
 from ._states import CONNECTED, ENDING, Event, State, Transition
 

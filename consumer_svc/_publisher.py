@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from ._amqp import Channel
+from ._channel import Channel
 from ._errors import PublishFailed, PublishRefused
 
 if TYPE_CHECKING:

@@ -21,8 +21,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ._amqp import AMQPConnection, AMQPFactory, Cause
 from ._backoff import Backoff
+from ._causes import Cause
+from ._connection import AMQPConnection
 from ._consumer import Consumer
 from ._errors import AccessRefused, ExitStatus
 from ._handler import Handler, Invoker
@@ -31,6 +32,7 @@ from ._log import bridge_pika_logging
 from ._notify import Notifier
 from ._observers import LogLines, MetricsObserver, Readiness, SystemdStatus
 from ._parameters import connection_parameters
+from ._reconnect import AMQPFactory
 from ._secrets import install as install_redaction
 from ._settings import Settings
 from ._states import Action, Event, Facts, Machine, State, Transition

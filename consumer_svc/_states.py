@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
-    from ._amqp import Cause
+    from ._causes import Cause
     from ._errors import FatalError
 
 

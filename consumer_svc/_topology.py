@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._amqp import Channel
+from ._channel import Channel
 from ._errors import AccessRefused, ConfigurationError, SetupFailed, TopologyMismatch
 from ._retry import REDECLARE_AFTER, RetryPolicy, dead_letter_arguments, retry_queue
 

@@ -99,8 +99,8 @@ def test_floats_stay_floats() -> None:
 
 
 def test_pika_itself_uses_the_codec_once_installed() -> None:
-    """After install() (run by importing _amqp), pika's properties decode and encode floats."""
-    import consumer_svc._amqp  # noqa: F401  (the import installs the codec)
+    """After install() (run by importing _connection), pika's properties decode and encode floats."""
+    import consumer_svc._connection  # noqa: F401  (the import installs the codec)
 
     _codec.install()  # again: harmless
     assert _codec.installed()
@@ -161,7 +161,7 @@ def test_text_that_is_not_utf8_comes_back_as_str_and_encodes_to_the_same_bytes()
 
 @pytest.fixture
 def installed() -> None:
-    """pika's frame decoder with the codec in place (as importing _amqp leaves it)."""
+    """pika's frame decoder with the codec in place (as importing _connection leaves it)."""
     _codec.install()
 
 

@@ -13,17 +13,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from consumer_svc._amqp import (
-    TEARDOWN_GRACE,
-    AMQPConnection,
-    AMQPFactory,
-    Cause,
-    HandshakeTimeout,
-    Lost,
-    classify,
-)
 from consumer_svc._backoff import Backoff
+from consumer_svc._causes import Cause, HandshakeTimeout, Lost, classify
+from consumer_svc._connection import TEARDOWN_GRACE, AMQPConnection
 from consumer_svc._parameters import connection_parameters
+from consumer_svc._reconnect import AMQPFactory
 from consumer_svc._settings import parse_url
 
 URL = parse_url("amqp://alice:s3cret@broker:5672/orders")

@@ -16,7 +16,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from consumer_svc import ExitStatus
-from consumer_svc._amqp import Cause, Lost
+from consumer_svc._causes import Cause, Lost
 from consumer_svc._errors import FatalError, SetupFailed
 from consumer_svc._service import CLOSE_TIMEOUT, ConsumerService
 from consumer_svc._settings import Settings, parse_url

@@ -96,8 +96,8 @@ def _parameters(function: Any) -> list[tuple[str, Any, Any]]:
 
 
 def test_the_fake_channel_has_every_method_of_the_real_one() -> None:
-    """Each public method and property of _amqp.Channel exists on FakeChannel, with the same parameters."""
-    from consumer_svc._amqp import Channel
+    """Each public method and property of _channel.Channel exists on FakeChannel, with the same parameters."""
+    from consumer_svc._channel import Channel
 
     fake = FakeChannel()
     for name, member in _public(Channel).items():
@@ -108,7 +108,7 @@ def test_the_fake_channel_has_every_method_of_the_real_one() -> None:
 
 def test_the_fake_connection_offers_what_the_consumer_uses_of_the_real_one() -> None:
     """FakeConnection's open_channel matches AMQPConnection's, and both have `lost`."""
-    from consumer_svc._amqp import AMQPConnection
+    from consumer_svc._connection import AMQPConnection
 
     assert _parameters(FakeConnection.open_channel) == _parameters(AMQPConnection.open_channel)
     assert "self.lost = " in inspect.getsource(AMQPConnection.__init__)

@@ -1,6 +1,6 @@
 """Typed fakes of the broker side, for driving the real `Consumer` without a broker.
 
-`FakeChannel` stands in for ``consumer_svc._amqp.Channel`` and `FakeConnection` for
+`FakeChannel` stands in for ``consumer_svc._channel.Channel`` and `FakeConnection` for
 ``AMQPConnection``; each records what the consumer did with it. `SynchronousThreadPool` and
 `ImmediateReactor` let the real `Invoker` run a ``@blocking`` handler in the calling thread.
 tests/test_testing.py checks that each fake has every public method of the real object, with
@@ -52,7 +52,7 @@ class Sent:
 
 
 class FakeChannel:
-    """Stands in for consumer_svc._amqp.Channel and records what the consumer does with it.
+    """Stands in for consumer_svc._channel.Channel and records what the consumer does with it.
 
     Publishes are confirmed at once while ``auto_confirm`` is true; otherwise each waits in
     ``confirms`` for the test to fire it, unless ``on_publish`` (called with each `Sent`)
@@ -90,7 +90,7 @@ class FakeChannel:
         #: The ready messages a (passive) declare reports.
         self.ready = 0
 
-    # -- what consumer_svc._amqp.Channel offers
+    # -- what consumer_svc._channel.Channel offers
 
     def declare_queue(
         self, queue: str, *, passive: bool = False, arguments: Mapping[str, Any]
