@@ -321,7 +321,8 @@ class Consumer:
             return  # a straggler from a channel we gave up on: the broker redelivers it
         acks.delivered(tag)
         state = self.machine.state
-        if state not in TAKING:
+        # `is` first: the common case costs no hash (an Enum's __hash__ is Python code).
+        if state is not State.CONSUMING and state not in TAKING:
             # Delivered between our cancel and the broker's cancel-ok: hand it back.
             acks.nack(tag)
             return
