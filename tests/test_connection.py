@@ -21,9 +21,9 @@ from consumer_svc._amqp import (
     HandshakeTimeout,
     Lost,
     classify,
-    connection_parameters,
 )
 from consumer_svc._backoff import Backoff
+from consumer_svc._parameters import connection_parameters
 from consumer_svc._settings import parse_url
 
 URL = parse_url("amqp://alice:s3cret@broker:5672/orders")
