@@ -196,6 +196,7 @@ async def test_connection_force_closed_again_and_again(
     await queue_settles(rabbit, queue_name)
     assert_survived(run, work, prefetch, losses=5)
     assert "CONNECTION_FORCED" in logs.text()
+    assert "chaos" in logs.text()  # the reason the broker gave is logged with the cause
     figures.add(
         "connection force-closed (CONNECTION_FORCED), 5 times",
         work,
@@ -249,6 +250,7 @@ async def test_queue_deleted_under_the_consumer(
     await send(rabbit, queue_name, work.bodies, declare=False)
     await consumed_all(work)
     assert_survived(run, work, prefetch=10)
+    assert "the broker cancelled the consumer" in logs.text()
     record(figures, logs, "queue deleted (broker basic.cancel)", work, broke=broke)
 
 

@@ -191,79 +191,8 @@ async def test_a_blocking_handler_does_not_cost_the_heartbeat(
     assert run.service.state is State.CONSUMING
 
 
-# -- recovering
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_broker_restart_mid_stream_loses_nothing(
-    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
-) -> None:
-    """The broker's app restarts while messages flow; every message is still handled and acked."""
-    handler = Recorder(lambda m: sleep(0.005))
-    run = services(settings_for(rabbit.url(), queue_name, prefetch=20), handler)
-    await run.consuming()
-    bodies = [b"r%d" % i for i in range(300)]
-    await send(rabbit, queue_name, bodies)
-    await eventually(
-        lambda: len(handler.bodies) >= 50, timeout=20, what="50 handled before the restart"
-    )
-    await deferToThread(rabbit.restart_app)
-    await eventually(
-        lambda: set(handler.bodies) == set(bodies), timeout=60, what="every message handled"
-    )
-    await queue_settles(rabbit, queue_name, timeout=30)
-    story = "\n".join(line for line in logs.lines() if "consumer_svc#" in line)
-    duplicates = len(handler.bodies) - len(bodies)
-    assert duplicates <= 20 * 2, story  # at most the in-flight window, once per loss
-    assert "Lost the connection to" in logs.text(), story
-    assert run.service.state is State.CONSUMING, story
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_forced_close_is_recovered(
-    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
-) -> None:
-    """CONNECTION_FORCED from the broker is logged with its cause and the service consumes again."""
-    handler = Recorder()
-    run = services(settings_for(rabbit.url(), queue_name), handler)
-    await run.consuming()
-    for round_ in range(3):
-        await deferToThread(rabbit.close_all_connections, "maintenance")
-        await eventually(
-            lambda: run.service.state is not State.CONSUMING, timeout=10, what="the loss noticed"
-        )
-        await run.consuming()
-        await send(rabbit, queue_name, [b"after %d" % round_])
-    await eventually(lambda: len(handler.bodies) == 3, timeout=10, what="messages after each close")
-    assert "CONNECTION_FORCED" in logs.text()
-    assert "maintenance" in logs.text()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_deleted_queue_is_declared_again(
-    rabbit: RabbitNode, queue_name: str, services: Any, logs: Logs
-) -> None:
-    """When the queue is deleted under the consumer (basic.cancel), the service re-declares it and resumes."""
-    handler = Recorder()
-    run = services(settings_for(rabbit.url(), queue_name), handler)
-    await run.consuming()
-    await deferToThread(rabbit.delete_queue, queue_name)
-    await eventually(
-        lambda: "the broker cancelled the consumer" in logs.text(),
-        timeout=10,
-        what="the cancel noticed",
-    )
-    await run.consuming()
-    await eventually(
-        lambda: queue_name in rabbit.list_queues(),
-        timeout=10,
-        what="the queue re-declared",
-        blocking=True,
-    )
-    await send(rabbit, queue_name, [b"after delete"], declare=False)
-    await eventually(
-        lambda: handler.bodies == [b"after delete"], timeout=10, what="consumption resumed"
-    )
+# -- recovering (a broker restart, forced closes and a deleted queue are test_faults.py's,
+# which also bounds the duplicates and times the recovery)
 
 
 @pytest_twisted.ensureDeferred
