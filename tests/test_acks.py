@@ -7,15 +7,16 @@ import random
 from typing import Any
 
 import pytest
+from consuming import SETTINGS
 from pika.exceptions import NackError
-from test_consumer import SETTINGS, FakeChannel, FakeConnection, Invoke
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from consumer_svc import Message
 from consumer_svc._acks import Acks
 from consumer_svc._consumer import Consumer
-from consumer_svc.testing._fakes import connect
+from consumer_svc.testing import FakeChannel, FakeConnection
+from consumer_svc.testing._fakes import connect, invoker
 
 
 class Broker(FakeChannel):
@@ -28,9 +29,9 @@ class Broker(FakeChannel):
         self.handed_back: set[int] = set()
         self.wire: list[tuple[str, int]] = []
 
-    def deliver(self, tag: int, body: bytes = b"x", headers: dict[str, Any] | None = None) -> None:
+    def deliver(self, tag: int, *args: Any, **kwargs: Any) -> None:
         self.unacked.add(tag)
-        super().deliver(tag, body, headers)
+        super().deliver(tag, *args, **kwargs)
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         assert self.is_open, "ack on a closed channel"
@@ -53,7 +54,7 @@ def test_a_run_of_finished_deliveries_is_acked_once() -> None:
     """Fifty messages handled in one reactor turn cost one multiple-ack."""
     clock = Clock()
     channel = Broker(clock)
-    consumer = Consumer(SETTINGS, Invoke(lambda m: None), clock)  # type: ignore[arg-type]
+    consumer = Consumer(SETTINGS, invoker(lambda m: None), clock)
     connect(consumer.machine, FakeConnection(Broker(clock), channel))
     for tag in range(1, 51):
         channel.deliver(tag)
@@ -109,7 +110,7 @@ def test_out_of_order_failures_and_lost_channels_never_ack_a_failed_message(
         channel.auto_confirm = False  # failures cannot be parked: they are handed back
     # All 30 run at once, and failures in a row never pause: the ledger alone is under test.
     settings = dataclasses.replace(SETTINGS, concurrency=30, pause_after=0)
-    consumer = Consumer(settings, Invoke(handler), clock)  # type: ignore[arg-type]
+    consumer = Consumer(settings, invoker(handler), clock)
     connect(consumer.machine, FakeConnection(*channels))
     succeeded: set[int] = set()
     for tag in range(1, 31):

@@ -11,6 +11,7 @@ import io
 import json
 from typing import Any, Callable
 
+from consuming import SETTINGS, Scripted
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from pika.spec import BasicProperties
 from twisted.internet.defer import Deferred, fail
@@ -19,35 +20,9 @@ from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
 from consumer_svc import Message, Reject, Retry
 from consumer_svc._consumer import Consumer
-from consumer_svc._settings import Settings, parse_url
 from consumer_svc._states import Event, Facts, State, Transition
 from consumer_svc.testing import FakeChannel, FakeConnection
-from consumer_svc.testing._fakes import connect
-
-
-class Invoke:
-    """A handler whose results the test decides, message by message."""
-
-    name = "tests.handler"
-    blocking = False
-
-    def __init__(self, behaviour: Callable[[Message], Any]) -> None:
-        self.behaviour = behaviour
-        self.seen: list[int] = []
-
-    def __call__(self, message: Message) -> Any:
-        self.seen.append(message.delivery_tag)
-        return self.behaviour(message)
-
-
-SETTINGS = Settings(
-    url=parse_url("amqp://localhost"),
-    queue="q",
-    dead_letter_queue="q.dead",
-    max_retries=2,
-    retry_delay=5.0,
-    stall_check=0,
-)
+from consumer_svc.testing._fakes import connect, invoker
 
 
 class Setup:
@@ -66,10 +41,9 @@ class Setup:
         self.lost: list[str] = []
         self.paused: list[str | None] = []
         self.fatal: list[Exception] = []
+        self.handler = Scripted(behaviour)
         self.consumer = Consumer(
-            dataclasses.replace(SETTINGS, **settings),
-            Invoke(behaviour),  # type: ignore[arg-type]
-            self.clock,
+            dataclasses.replace(SETTINGS, **settings), invoker(self.handler), self.clock
         )
         self.consumer.machine.subscribe(self.note)
         self.connection = FakeConnection(self.publisher, self.channel)
@@ -545,7 +519,7 @@ def test_a_message_whose_headers_cannot_be_decoded_is_parked_without_running_the
     [(queue, body, headers)] = setup.publisher.published
     assert (queue, body) == ("q.dead", b"odd")
     assert headers["consumer-svc-failure"] == "UndecodableHeaders: a table ends mid-value"
-    assert setup.consumer.invoke.seen == []  # type: ignore[attr-defined]
+    assert setup.handler.seen == []
     assert setup.channel.settled == [("ack", 3)]
 
 
@@ -561,7 +535,6 @@ def test_a_value_that_cannot_be_encoded_is_left_off_the_copy_and_named() -> None
 
 def test_a_handler_returning_a_generator_is_retried_never_acked() -> None:
     """A generator returned at run time (an @inlineCallbacks forgotten) fails the message: retried, not acked unrun."""
-    from consumer_svc._handler import Invoker
 
     def forgot_inline_callbacks(message: Message) -> Any:
         def work() -> Any:
@@ -571,8 +544,7 @@ def test_a_handler_returning_a_generator_is_retried_never_acked() -> None:
 
     clock = Clock()
     publisher, channel = FakeChannel(clock), FakeChannel(clock)
-    invoke = Invoker(forgot_inline_callbacks, clock, threadpool=None)  # type: ignore[arg-type]
-    consumer = Consumer(SETTINGS, invoke, clock)
+    consumer = Consumer(SETTINGS, invoker(forgot_inline_callbacks), clock)
     connect(consumer.machine, FakeConnection(publisher, channel))
     channel.deliver(1)
     [(queue, _, headers)] = publisher.published
@@ -686,9 +658,9 @@ def test_no_more_handlers_run_than_the_concurrency_and_the_rest_wait_in_order() 
     setup = Setup(slow, concurrency=2)
     for tag in (1, 2, 3, 4):
         setup.channel.deliver(tag)
-    assert setup.consumer.invoke.seen == [1, 2]  # type: ignore[attr-defined]
+    assert setup.handler.seen == [1, 2]
     pending[1].callback(None)
-    assert setup.consumer.invoke.seen == [1, 2, 3]  # type: ignore[attr-defined]
+    assert setup.handler.seen == [1, 2, 3]
     # The ack covers message 1 only: 2 and 3 run, 4 waits, none of them is acked.
     assert setup.channel.settled == [("ack", 1)]
     for tag in (2, 3):

@@ -23,10 +23,11 @@ import consumer_svc
 from consumer_svc import ExitStatus, Message
 from consumer_svc._errors import HandlerImportError
 from consumer_svc._handler import AsyncioReactorRequired, Invoker, load_handler
+from consumer_svc.testing import _fakes as fakes
 
 
 class ThreadReactor(Clock):
-    """A Clock whose callFromThread runs the call at once (the pool below has no threads)."""
+    """A Clock whose callFromThread runs the call at once (the pool has no threads)."""
 
     def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         f(*args, **kwargs)
@@ -40,22 +41,9 @@ class AsyncioReactor(ThreadReactor):
         self._asyncioEventloop = loop
 
 
-class InlinePool:
-    """A thread pool that runs the work in the calling thread, at once."""
-
-    def callInThreadWithCallback(
-        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any
-    ) -> None:
-        try:
-            result = f(*args)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
 def invoker(handler: Callable[[Message], Any], reactor: Clock | None = None) -> Invoker:
-    return Invoker(handler, reactor or ThreadReactor(), InlinePool())  # type: ignore[arg-type]
+    """The real Invoker on a Clock (by default a ThreadReactor) and a pool without threads."""
+    return fakes.invoker(handler, reactor or ThreadReactor())
 
 
 def message() -> Message:

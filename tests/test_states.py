@@ -10,17 +10,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from consumer_svc import ExitStatus
-from consumer_svc._amqp import Cause, Lost
+from consumer_svc._amqp import Cause, Channel, Lost
 from consumer_svc._consumer import SetupFailed
 from consumer_svc._errors import FatalError
 from consumer_svc._service import CLOSE_TIMEOUT, ConsumerService
-from consumer_svc._settings import Settings, parse_url
+from consumer_svc._settings import Settings
 from consumer_svc._states import (
     ENDING,
     TABLE,
@@ -32,7 +32,9 @@ from consumer_svc._states import (
     State,
     Transition,
 )
+from consumer_svc._url import parse_url
 from consumer_svc.testing import FakeChannel, FakeConnection
+from consumer_svc.testing._fakes import FakeNotifier
 
 S, E = State, Event
 _EVERYWHERE_BUT = lambda *states: [s for s in State if s not in states]  # noqa: E731
@@ -73,42 +75,18 @@ ROWS: dict[tuple[State, Event], State] = {
 }
 
 
-class FakeNotifier:
-    """Records what the service tells systemd."""
-
-    watchdog_interval: float | None = None
-    enabled = True
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, str | int]] = []
-        self.closed = 0
-
-    def notify(self, **fields: str | int) -> None:
-        self.sent.append(fields)
-
-    def close(self) -> None:
-        self.closed += 1
-
-
 class Connection(FakeConnection):
     """A fake AMQP connection as the service sees it: opened, and closed when asked."""
 
     def __init__(self, clock: Any) -> None:
         self.consuming = FakeChannel(clock, number=2)
         super().__init__(FakeChannel(clock), self.consuming)
-        # FakeConnection.opened (the channels opened) stands in for AMQPConnection.opened.
-        self.transport = None
-        self.shutdowns: list[float] = []
-
-    def shutdown(self, timeout: float) -> Deferred[None]:
-        self.shutdowns.append(timeout)
-        return succeed(None)
 
 
 class Stalled(Connection):
     """A connection whose channels never open: setting up on it stays under way."""
 
-    def open_channel(self) -> Deferred[FakeChannel]:
+    def open_channel(self) -> Deferred[Channel]:
         return Deferred()
 
 
@@ -127,7 +105,7 @@ class Story:
             lambda message: self.behaviour(message),
             reactor=self.reactor,
             exit=self.exits.append,
-            notifier=self.notifier,  # type: ignore[arg-type]
+            notifier=self.notifier,
         )
         self.lines: list[str] = []
 
@@ -147,13 +125,13 @@ class Story:
         """Start the service and let its first connection become ready: it consumes."""
         self.service.startService()
         connection = Connection(self.reactor)
-        self.service.amqp_ready(connection)  # type: ignore[arg-type]
+        self.service.amqp_ready(connection)
         return connection
 
     def lose(self, connection: Connection | None, kind: Lost = Lost.CONNECTION_LOST) -> None:
         if connection is not None:
             connection.lost = True
-        self.service.amqp_lost(connection, Cause(kind, "gone"))  # type: ignore[arg-type]
+        self.service.amqp_lost(connection, Cause(kind, "gone"))
 
     def stop(self) -> Deferred[None]:
         return self.service.stopService()
@@ -346,7 +324,7 @@ def test_a_lost_connection_waits_reconnects_and_is_ready_again_without_a_second_
     assert str(story.statuses()[-1]).endswith("(attempt 1): connection lost: gone")
     story.reactor.advance(story.service.factory.delay)
     assert story.service.state is State.CONNECTING
-    story.service.amqp_ready(Connection(story.reactor))  # type: ignore[arg-type]
+    story.service.amqp_ready(Connection(story.reactor))
     assert story.service.state is State.CONSUMING
     assert [f for f in story.notifier.sent if "READY" in f] == [
         {"READY": 1, "STATUS": "Consuming queue q"}
@@ -423,7 +401,7 @@ def test_a_pause_outlives_a_reconnect(story: Story) -> None:
     story.reactor.advance(5)  # the probe's time comes while disconnected: nothing to try
     assert story.service.state is State.WAITING
     story.service.amqp_connecting()
-    story.service.amqp_ready(Connection(story.reactor))  # type: ignore[arg-type]
+    story.service.amqp_ready(Connection(story.reactor))
     assert story.service.state is State.PAUSED
     assert story.service.readiness() == (False, "paused: db down")
     assert story.statuses()[-1] == "Paused: db down"
@@ -449,7 +427,7 @@ def test_a_setup_the_broker_refuses_for_good_gives_up(story: Story) -> None:
     connection.consuming.refuse_declares = ChannelClosedByBroker(
         406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length'"
     )
-    story.service.amqp_ready(connection)  # type: ignore[arg-type]
+    story.service.amqp_ready(connection)
     assert story.service.state is State.FAILED
     assert story.exits == [ExitStatus.TOPOLOGY_MISMATCH]
     assert connection.shutdowns == [CLOSE_TIMEOUT]
@@ -496,7 +474,7 @@ def test_a_connection_ready_during_the_stop_is_closed_at_once(story: Story) -> N
     story.service.startService()
     story.stop()
     late = Connection(story.reactor)
-    story.service.amqp_ready(late)  # type: ignore[arg-type]
+    story.service.amqp_ready(late)
     assert late.shutdowns == [CLOSE_TIMEOUT]
     assert story.service.state is State.STOPPED
 

@@ -106,13 +106,19 @@ def test_the_fake_channel_has_every_method_of_the_real_one() -> None:
             assert _parameters(getattr(FakeChannel, name)) == _parameters(member), name
 
 
-def test_the_fake_connection_offers_what_the_consumer_uses_of_the_real_one() -> None:
-    """FakeConnection's open_channel matches AMQPConnection's, and both have `lost`."""
+def test_the_fake_connection_offers_what_the_service_uses_of_the_real_one() -> None:
+    """FakeConnection's open_channel and shutdown match AMQPConnection's; both have `opened` and `lost`."""
     from consumer_svc._amqp import AMQPConnection
 
-    assert _parameters(FakeConnection.open_channel) == _parameters(AMQPConnection.open_channel)
-    assert "self.lost = " in inspect.getsource(AMQPConnection.__init__)
-    assert FakeConnection().lost is False
+    for name in ("open_channel", "shutdown"):
+        assert _parameters(getattr(FakeConnection, name)) == _parameters(
+            getattr(AMQPConnection, name)
+        ), name
+    source = inspect.getsource(AMQPConnection.__init__)
+    assert "self.opened = False" in source
+    assert "self.lost = False" in source
+    fake = FakeConnection()
+    assert (fake.opened, fake.lost) == (True, False)
 
 
 def test_every_outcome_of_the_consumer_has_a_name_in_the_kit() -> None:
