@@ -21,9 +21,9 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import amqp_tools
 import pytest
-from rabbitmq import DEFAULT_VERSION, VERSIONS, RabbitCluster, RabbitNode, RabbitNodeError
+from support import amqp_tools
+from support.rabbitmq import DEFAULT_VERSION, VERSIONS, RabbitCluster, RabbitNode, RabbitNodeError
 
 RabbitFactory = Callable[..., RabbitNode]
 ClusterFactory = Callable[..., RabbitCluster]
@@ -43,7 +43,7 @@ BROKER_FIXTURES = frozenset(
 
 # Fixtures for running the service in-process (logs, services, figures) and as twistd,
 # and a TLS broker node (tls_broker, one per test module that uses it).
-pytest_plugins = ["service_support", "twistd_support", "certs"]
+pytest_plugins = ["support.service_support", "support.twistd_support", "support.certs"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -1,0 +1,109 @@
+"""systemd's notify protocol: READY only once consuming, STATUS along the way, STOPPING, WATCHDOG."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from support.rabbitmq import RabbitNode
+from support.service_support import settings_for
+from support.waiting import eventually, within
+from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.protocol import DatagramProtocol
+
+from consumer_svc._notify import Notifier
+from consumer_svc._service import ConsumerService, State
+
+
+class Systemd(DatagramProtocol):
+    """What a service manager would receive on $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        self.messages.append(fields)
+
+    def seen(self, key: str) -> list[str]:
+        return [m[key] for m in self.messages if key in m]
+
+
+def test_the_abstract_namespace_is_understood() -> None:
+    """NOTIFY_SOCKET=@name means an abstract unix socket."""
+    name = f"consumer-svc-test-{id(object())}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(b"\0" + name.encode())
+    listener.settimeout(5)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
+        notifier.notify(READY=1, STATUS="hello")
+        assert listener.recv(1024) == b"READY=1\nSTATUS=hello"
+        notifier.close()
+    finally:
+        listener.close()
+
+
+def test_without_notify_socket_nothing_happens() -> None:
+    """Under another supervisor the calls are no-ops."""
+    notifier = Notifier({})
+    assert not notifier.enabled
+    notifier.notify(READY=1)
+    assert notifier.watchdog_interval is None
+
+
+def test_the_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    """WATCHDOG_USEC=4000000 asks for a ping every 2 s; another pid's watchdog is not ours."""
+    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000"}).watchdog_interval == 2.0
+    assert (
+        Notifier(
+            {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}
+        ).watchdog_interval
+        is None
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_only_once_consuming_and_stopping_at_stop(
+    rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    """READY=1 comes after the consumer is registered, never before; WATCHDOG=1 pings while healthy; STOPPING=1 at stop."""
+    systemd = Systemd()
+    path = str(tmp_path / "notify")
+    port = reactor.listenUNIXDatagram(path, systemd)  # type: ignore[attr-defined]
+    states_at_ready: list[State] = []
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
+        original = notifier.notify
+
+        def spy(**fields: Any) -> None:
+            if "READY" in fields:
+                states_at_ready.append(service.state)
+            original(**fields)
+
+        notifier.notify = spy  # type: ignore[method-assign]
+        service = ConsumerService(
+            settings_for(rabbit.url(), queue_name),
+            lambda m: None,
+            exit=lambda s: None,
+            notifier=notifier,
+        )
+        service.startService()
+        await eventually(lambda: systemd.seen("READY"), timeout=20, what="READY=1")
+        assert states_at_ready == [State.CONSUMING]
+        statuses = systemd.seen("STATUS")
+        assert statuses[0].startswith("Connecting to 127.0.0.1:")
+        assert f"Consuming queue {queue_name}" in statuses
+        await eventually(
+            lambda: len(systemd.seen("WATCHDOG")) >= 3, timeout=5, what="watchdog pings"
+        )
+        await within(30, service.stopService())
+        await eventually(lambda: systemd.seen("STOPPING"), timeout=5, what="STOPPING=1")
+        await eventually(
+            lambda: systemd.seen("STATUS")[-1] == "Stopped", timeout=5, what="STATUS=Stopped"
+        )
+    finally:
+        await within(5, maybeDeferred(port.stopListening))
