@@ -19,6 +19,7 @@ import contextlib
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,9 +42,23 @@ BROKER_FIXTURES = frozenset(
     }
 )
 
+#: Every fixture that starts a RabbitMQ node: no test under tests/unit/ may use one.
+NODE_FIXTURES = BROKER_FIXTURES - {"rabbit_version"} | {
+    "rabbitmq_node",
+    "rabbitmq_url",
+    "rabbitmq_factory",
+    "tls_broker",
+}
+UNIT = Path(__file__).parent / "unit"
+
 # Fixtures for running the service in-process (logs, services, figures) and as twistd,
-# and a TLS broker node (tls_broker, one per test module that uses it).
-pytest_plugins = ["support.service_support", "support.twistd_support", "support.certs"]
+# a TLS broker node (tls_broker, one per test module that uses it) and recorded spans.
+pytest_plugins = [
+    "support.service_support",
+    "support.twistd_support",
+    "support.certs",
+    "support.spans",
+]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -61,6 +76,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(
         "rabbit_version", versions, ids=[f"rabbitmq-{v}" for v in versions], indirect=True
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse the run if a unit test asks for a broker: the folder says what a test needs."""
+    misplaced = [
+        item.nodeid
+        for item in items
+        if UNIT in item.path.parents and NODE_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            "these unit tests use a broker; move them to tests/broker/: " + ", ".join(misplaced)
+        )
 
 
 @pytest.fixture

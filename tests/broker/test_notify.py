@@ -1,8 +1,9 @@
-"""systemd's notify protocol: READY only once consuming, STATUS along the way, STOPPING, WATCHDOG."""
+"""systemd's notify protocol through a real broker: READY only once consuming, WATCHDOG pings,
+STOPPING at stop.
+"""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +31,6 @@ class Systemd(DatagramProtocol):
 
     def seen(self, key: str) -> list[str]:
         return [m[key] for m in self.messages if key in m]
-
-
-def test_the_abstract_namespace_is_understood() -> None:
-    """NOTIFY_SOCKET=@name means an abstract unix socket."""
-    name = f"consumer-svc-test-{id(object())}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(b"\0" + name.encode())
-    listener.settimeout(5)
-    try:
-        notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
-        notifier.notify(READY=1, STATUS="hello")
-        assert listener.recv(1024) == b"READY=1\nSTATUS=hello"
-        notifier.close()
-    finally:
-        listener.close()
-
-
-def test_without_notify_socket_nothing_happens() -> None:
-    """Under another supervisor the calls are no-ops."""
-    notifier = Notifier({})
-    assert not notifier.enabled
-    notifier.notify(READY=1)
-    assert notifier.watchdog_interval is None
-
-
-def test_the_watchdog_interval_is_half_of_watchdog_usec() -> None:
-    """WATCHDOG_USEC=4000000 asks for a ping every 2 s; another pid's watchdog is not ours."""
-    assert Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000"}).watchdog_interval == 2.0
-    assert (
-        Notifier(
-            {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}
-        ).watchdog_interval
-        is None
-    )
 
 
 @pytest_twisted.ensureDeferred

@@ -4,7 +4,7 @@ the unit tests' settings.
 The tests import it as ``support`` (``from support.waiting import eventually``): tests/ has no
 ``__init__.py``, so pytest puts it on ``sys.path`` (and never the repository root: ``consumer_svc``
 is always the installed package). The modules that are pytest plugins (service_support,
-twistd_support, certs) are loaded by tests/conftest.py.
+twistd_support, certs, spans) are loaded by tests/conftest.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Tracing: a CONSUMER span per delivery, its context current in every kind of handler, and
 PRODUCER spans whose context travels on in what the handler and the service publish.
 
-Spans are recorded with the SDK's InMemorySpanExporter: first through the testing kit (no
-broker), then through the service against a real broker node, for each handler style.
+Spans are recorded with the SDK's InMemorySpanExporter (support.spans), through the testing
+kit, no broker; tests/broker/test_tracing.py follows the same trace through a real broker.
 """
 
 from __future__ import annotations
@@ -10,101 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-import pytest_twisted
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from support import amqp_tools
-from support.rabbitmq import RabbitNode
-from support.service_support import Running, send, settings_for
-from support.waiting import eventually
-from twisted.internet import task
+from support.spans import PARENT_ID, TRACE_ID, TRACEPARENT, Spans, traceparent_ids
 from twisted.internet.defer import Deferred
 
 import consumer_svc
 from consumer_svc import Message
 from consumer_svc.testing import Outcome, Result, Runner, message
-
-TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
-PARENT_ID = 0xB7AD6B7169203331
-TRACEPARENT = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"
-
-STYLES = ["plain", "deferred", "coroutine", "blocking"]
-
-
-class Spans:
-    """A tracer provider of the test's own that keeps every finished span."""
-
-    def __init__(self) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-
-    def finished(self) -> tuple[ReadableSpan, ...]:
-        return tuple(self.exporter.get_finished_spans())
-
-    def named(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.finished() if s.name == name]
-
-
-@pytest.fixture
-def spans() -> Iterator[Spans]:
-    recorded = Spans()
-    yield recorded
-    recorded.provider.shutdown()
-
-
-def _traceparent_span_id(headers: dict[str, Any]) -> tuple[int, int]:
-    value = headers["traceparent"]
-    value = value.decode() if isinstance(value, bytes) else value
-    _, trace_id, span_id, _ = value.split("-")
-    return int(trace_id, 16), int(span_id, 16)
-
-
-def _handler(style: str, seen: list[int], forward_to: str) -> Callable[[Message], Any]:
-    """A handler of ``style`` that notes the current span's id, then forwards the message."""
-
-    def note_and_forward(m: Message) -> Deferred[None]:
-        seen.append(trace.get_current_span().get_span_context().span_id)
-        return m.publish("", forward_to, m.body)
-
-    if style == "plain":
-
-        def plain(m: Message) -> None:
-            note_and_forward(m)
-
-        return plain
-    if style == "deferred":
-        from twisted.internet import reactor
-
-        def deferred(m: Message) -> Deferred[Any]:
-            seen.append(trace.get_current_span().get_span_context().span_id)
-            # A callback the reactor fires later: keep_context makes the span current in it.
-            return task.deferLater(reactor, 0.01, consumer_svc.keep_context(note_and_forward), m)
-
-        return deferred
-    if style == "coroutine":
-        from twisted.internet import reactor
-
-        async def coroutine(m: Message) -> None:
-            await task.deferLater(reactor, 0.01, lambda: None)
-            await note_and_forward(m)
-
-        return coroutine
-
-    @consumer_svc.blocking
-    def blocking(m: Message) -> None:
-        seen.append(trace.get_current_span().get_span_context().span_id)
-        # Publishing from the thread is the reactor's job: a blocking handler returns first.
-
-    return blocking
-
 
 # -- without a broker: the testing kit
 
@@ -180,7 +95,7 @@ def test_a_failure_is_on_the_span_and_the_retry_copy_carries_the_trace_on(spans:
     assert copy.parent is not None
     assert copy.parent.span_id == process.context.span_id
     assert result.copy is not None
-    assert _traceparent_span_id(result.copy.headers) == (TRACE_ID, copy.context.span_id)
+    assert traceparent_ids(result.copy.headers) == (TRACE_ID, copy.context.span_id)
 
 
 def test_a_timed_out_handler_is_marked_as_a_timeout(spans: Spans) -> None:
@@ -255,7 +170,7 @@ def test_the_span_is_current_in_the_handler_and_its_publish_is_a_child(
         [send_span] = spans.named("send out")
         assert send_span.parent is not None
         assert send_span.parent.span_id == process.context.span_id
-        assert _traceparent_span_id(forward.headers) == (TRACE_ID, send_span.context.span_id)
+        assert traceparent_ids(forward.headers) == (TRACE_ID, send_span.context.span_id)
 
 
 def test_in_a_deferred_callback_the_span_is_current_only_when_kept(spans: Spans) -> None:
@@ -342,107 +257,3 @@ def test_an_exporter_that_is_not_installed_leaves_tracing_off_not_the_service() 
 def test_otel_sdk_disabled_turns_tracing_off() -> None:
     """OTEL_SDK_DISABLED=true wins over an exporter."""
     assert _configure(OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="true").strip() == "off"
-
-
-# -- against a real broker
-
-
-def _traced_service(spans: Spans, url: str, queue: str, handler: Any, **overrides: Any) -> Running:
-    from consumer_svc._tracing import Tracing
-
-    run = Running(settings_for(url, queue, **overrides), handler)
-    # startService found no tracer provider; hand it the test's own before anything arrives.
-    run.service.consumer.tracing = Tracing(spans.provider.get_tracer("tests"))
-    return run
-
-
-@pytest.mark.parametrize("style", STYLES)
-@pytest_twisted.ensureDeferred
-async def test_each_handler_style_continues_the_trace_through_a_broker(
-    spans: Spans, rabbit: RabbitNode, queue_name: str, style: str
-) -> None:
-    """Through a real broker: the process span is the producer's child and current in the handler; the forward carries it on."""
-    out = f"{queue_name}.out"
-    amqp_tools.declare(rabbit.url(), out)
-    seen: list[int] = []
-    run = _traced_service(spans, rabbit.url(), queue_name, _handler(style, seen, out))
-    try:
-        await run.consuming()
-        await send(rabbit, queue_name, [b"job"], headers={"traceparent": TRACEPARENT})
-        await eventually(
-            lambda: spans.named(f"process {queue_name}"), timeout=20, what="the process span"
-        )
-    finally:
-        await run.stop()
-    [process] = spans.named(f"process {queue_name}")
-    assert process.parent is not None
-    assert (process.context.trace_id, process.parent.span_id) == (TRACE_ID, PARENT_ID)
-    assert process.attributes is not None
-    assert process.attributes["consumer_svc.outcome"] == "acked"
-    assert process.attributes["messaging.destination.name"] == queue_name
-    assert seen[0] == process.context.span_id
-    if style == "blocking":
-        assert seen == [process.context.span_id]
-        return
-    assert seen == [process.context.span_id] * len(seen)
-    [send_span] = spans.named(f"send {out}")
-    assert send_span.parent is not None
-    assert send_span.parent.span_id == process.context.span_id
-    [forwarded] = amqp_tools.get_messages(rabbit.url(), out)
-    assert _traceparent_span_id(forwarded.headers) == (TRACE_ID, send_span.context.span_id)
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_retried_message_comes_back_as_a_child_of_its_retry_copy(
-    spans: Spans, rabbit: RabbitNode, queue_name: str
-) -> None:
-    """The retry copy's PRODUCER span is the parent of the next attempt's process span, one trace throughout."""
-    attempts: list[int] = []
-
-    def handler(m: Message) -> None:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise RuntimeError("first time")
-
-    run = _traced_service(spans, rabbit.url(), queue_name, handler, retry_delay=1.0)
-    try:
-        await run.consuming()
-        await send(rabbit, queue_name, [b"job"], headers={"traceparent": TRACEPARENT})
-        await eventually(
-            lambda: len(spans.named(f"process {queue_name}")) == 2,
-            timeout=30,
-            what="two process spans",
-        )
-    finally:
-        await run.stop()
-    first, second = sorted(spans.named(f"process {queue_name}"), key=lambda s: s.start_time or 0)
-    [copy] = spans.named(f"send {queue_name}.retry.1s")
-    assert first.attributes is not None
-    assert first.attributes["consumer_svc.outcome"] == "retried"
-    assert copy.parent is not None
-    assert copy.parent.span_id == first.context.span_id
-    assert second.parent is not None
-    assert second.parent.span_id == copy.context.span_id
-    assert {first.context.trace_id, copy.context.trace_id, second.context.trace_id} == {TRACE_ID}
-
-
-def test_twistd_traces_by_the_standard_environment(
-    twistd: Callable[..., Any], rabbit: RabbitNode, queue_name: str
-) -> None:
-    """twistd consumer with OTEL_TRACES_EXPORTER=console prints each message's process span, in the producer's trace."""
-    run = twistd(
-        ["--url", rabbit.url(), "--queue", queue_name],
-        env={
-            "OTEL_TRACES_EXPORTER": "console",
-            "OTEL_SERVICE_NAME": "kit-test",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
-    )
-    run.wait_for_log("Tracing: a span for each message", timeout=30)
-    run.wait_for_log("Consuming", timeout=30)
-    amqp_tools.publish(rabbit.url(), queue_name, [b"job"], headers={"traceparent": TRACEPARENT})
-    run.wait_for_log(f'"name": "process {queue_name}"', timeout=30)
-    text = run.text()
-    assert f'"trace_id": "0x{TRACE_ID:032x}"' in text
-    assert f'"parent_id": "0x{PARENT_ID:016x}"' in text
-    assert '"service.name": "kit-test"' in text
