@@ -18,13 +18,13 @@ import pika
 import pytest
 import pytest_twisted
 from support.amqp_tools import get_messages
-from support.rabbitmq import RabbitCluster
 from support.service_support import Running, settings_for
 from support.waiting import eventually
 from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message, Reject, Retry
 from consumer_svc._settings import Settings, parse_url
+from consumer_svc.testing.rabbitmq import RabbitCluster
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 

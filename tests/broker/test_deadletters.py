@@ -21,10 +21,10 @@ from support import amqp_tools
 from support.amqp_tools import connect, get_messages
 from support.certs import CA, TLSBroker
 from support.dead_letters import dead_letters, tool
-from support.rabbitmq import RabbitNode, free_port
 from support.waiting import poll_until
 
 from consumer_svc import _deadletters
+from consumer_svc.testing.rabbitmq import RabbitNode, free_port
 
 pytestmark = pytest.mark.brokers("3.10", "4.0")
 UNDECODABLE = "UndecodableBody: body of message {} ({} bytes) is not JSON: Expecting value: line 1 column 1 (char 0)"

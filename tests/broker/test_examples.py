@@ -42,7 +42,7 @@ def test_a_node_of_its_own(rabbitmq_factory, rabbitmq_url):
 
 def test_the_plugin_s_nodes_serve_a_test_and_are_gone_after_it(tmp_path: Path) -> None:
     """rabbitmq_factory and rabbitmq_url give running nodes to a user's test; both are stopped when the run ends."""
-    from support.rabbitmq import _port_is_free
+    from consumer_svc.testing.rabbitmq import _port_is_free
 
     (tmp_path / "test_user.py").write_text(PLUGIN_TEST)
     ports = tmp_path / "ports"

@@ -14,7 +14,6 @@ import pika
 import pytest
 import pytest_twisted
 from support.amqp_tools import declare, get_messages, queue_counts
-from support.rabbitmq import RabbitNode
 from support.service_support import Logs, Running, queue_settles, send, settings_for
 from support.waiting import eventually
 from twisted.internet.threads import deferToThread
@@ -22,6 +21,7 @@ from twisted.internet.threads import deferToThread
 from consumer_svc import Message, Reject, Retry
 from consumer_svc._retry import dead_letter_arguments, retry_queue
 from consumer_svc._settings import Settings
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 

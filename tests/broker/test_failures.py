@@ -10,7 +10,6 @@ import pika
 import pytest
 import pytest_twisted
 from support.amqp_tools import connect, get_messages, publish
-from support.rabbitmq import RabbitNode
 from support.service_support import Logs, Running, queue_settles, send, settings_for
 from support.waiting import eventually
 from twisted.internet import reactor
@@ -19,6 +18,7 @@ from twisted.internet.threads import deferToThread
 
 from consumer_svc import ExitStatus, Message, Reject, Retry
 from consumer_svc._settings import Settings
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.brokers("3.10", "4.0")
 Services = Callable[[Settings, Callable[[Message], Any]], Running]

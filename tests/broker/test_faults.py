@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.faultproxy import FaultProxy
-from support.rabbitmq import RabbitNode
 from support.service_support import (
     Figures,
     Logs,
@@ -39,6 +38,7 @@ from twisted.internet.threads import deferToThread
 from consumer_svc import Message
 from consumer_svc._service import State
 from consumer_svc._settings import Settings
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.brokers("3.10", "4.0")
 Services = Callable[[Settings, Callable[[Message], Any]], Running]

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest_twisted
 from support.prometheus import metric
-from support.rabbitmq import RabbitNode
 from support.service_support import Running, queue_settles, send, settings_for
 from support.waiting import eventually, within
 from twisted.internet import reactor
@@ -19,6 +18,7 @@ from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message, Reject
 from consumer_svc._health import HealthFactory
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support import hostile
-from support.rabbitmq import RabbitNode
 from support.service_support import Running, queue_settles, settings_for
 from support.waiting import eventually
 from twisted.internet.threads import deferToThread
@@ -17,6 +16,7 @@ from twisted.internet.threads import deferToThread
 from consumer_svc import Message, Retry
 from consumer_svc._codec import LATEST, MAX_DEPTH, TooDeep
 from consumer_svc._settings import Settings
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 

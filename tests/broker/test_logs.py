@@ -8,8 +8,9 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from support.amqp_tools import get_messages, publish
-from support.rabbitmq import RabbitNode
 from support.twistd_support import Twistd
+
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 
 def test_a_handler_leaking_the_password_is_masked_in_logs_and_parked_copies(

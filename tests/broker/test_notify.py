@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from support.rabbitmq import RabbitNode
 from support.service_support import settings_for
 from support.waiting import eventually, within
 from twisted.internet import reactor
@@ -17,6 +16,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from consumer_svc._notify import Notifier
 from consumer_svc._service import ConsumerService, State
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 
 class Systemd(DatagramProtocol):

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.amqp_tools import publish
-from support.rabbitmq import RabbitNode, free_port
 from support.service_support import Logs, Running, queue_settles, send, settings_for
 from support.twistd_support import Twistd
 from support.waiting import eventually, poll_until
@@ -25,6 +24,7 @@ from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message, Pause
 from consumer_svc._settings import Settings
+from consumer_svc.testing.rabbitmq import RabbitNode, free_port
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]
 

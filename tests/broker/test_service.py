@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support import amqp_tools
-from support.rabbitmq import RabbitNode
 from support.service_support import (
     Logs,
     Recorder,
@@ -33,6 +32,7 @@ import consumer_svc
 from consumer_svc import ExitStatus, Message
 from consumer_svc._service import State
 from consumer_svc._settings import parse_url
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.brokers("3.10", "4.0")
 

@@ -14,7 +14,6 @@ import pika
 import pytest
 import pytest_twisted
 from support.amqp_tools import connect, publish, queue_counts
-from support.rabbitmq import RabbitNode
 from support.service_support import Recorder, queue_settles, settings_for, sleep
 from support.twistd_support import Twistd
 from support.waiting import eventually, poll_until, within
@@ -22,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 #: Messages in flight when the stop comes: pika's and RabbitMQ's largest prefetch.
 WINDOW = 65_535

@@ -11,7 +11,6 @@ import pytest
 import pytest_twisted
 from opentelemetry import trace
 from support import amqp_tools
-from support.rabbitmq import RabbitNode
 from support.service_support import Running, send, settings_for
 from support.spans import PARENT_ID, TRACE_ID, TRACEPARENT, Spans, traceparent_ids
 from support.waiting import eventually
@@ -20,6 +19,7 @@ from twisted.internet.defer import Deferred
 
 import consumer_svc
 from consumer_svc import Message
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 STYLES = ["plain", "deferred", "coroutine", "blocking"]
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from support import CHECKOUT, TESTS
 from support.amqp_tools import publish
-from support.rabbitmq import RabbitNode
 from support.twistd_support import TWISTD, Twistd
 from support.waiting import poll_until
 
 import consumer_svc
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 
 def counts(node: RabbitNode, queue: str) -> tuple[int, int]:

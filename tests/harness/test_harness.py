@@ -15,9 +15,11 @@ import pika
 import pika.exceptions
 import pytest
 import pytest_twisted
-from support import TESTS
 from support.amqp_tools import connect, declare, get_all, publish, queue_counts
-from support.rabbitmq import (
+from support.waiting import Timeout, eventually, poll_until, within
+from twisted.internet.defer import Deferred
+
+from consumer_svc.testing.rabbitmq import (
     CtlError,
     QueueStats,
     RabbitCluster,
@@ -27,8 +29,6 @@ from support.rabbitmq import (
     _port_is_free,
     rabbitmq4_root,
 )
-from support.waiting import Timeout, eventually, poll_until, within
-from twisted.internet.defer import Deferred
 
 RabbitFactory = Callable[..., RabbitNode]
 ClusterFactory = Callable[..., RabbitCluster]
@@ -260,9 +260,8 @@ def test_a_4_0_node_reads_files_from_folders_bound_for_it(
 
 _OWNER = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
-from support.rabbitmq import RabbitNode
-node = RabbitNode(sys.argv[2], version="4.0").start()
+from consumer_svc.testing.rabbitmq import RabbitNode
+node = RabbitNode(sys.argv[1], version="4.0").start()
 print(node._tag, flush=True)
 time.sleep(600)
 """
@@ -271,7 +270,8 @@ time.sleep(600)
 def test_a_sigkilled_owner_leaves_no_4_0_process_or_mount(tmp_path: Path) -> None:
     """When the process owning a 4.0 node is SIGKILLed, the watchdog ends it and no mount stays."""
     owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER, str(TESTS), str(tmp_path / "node")],
+        [sys.executable, "-c", _OWNER, str(tmp_path / "node")],
+        env={**os.environ, "RABBITMQ4_ROOT": str(rabbitmq4_root())},
         stdout=subprocess.PIPE,
         text=True,
     )

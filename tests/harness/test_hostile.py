@@ -8,9 +8,9 @@ import pytest
 from pika import exceptions as pika_errors
 from pika import spec
 from support import hostile
-from support.rabbitmq import RabbitNode
 
 from consumer_svc import _codec
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 
 def test_the_raw_table_goes_where_the_wire_format_puts_it() -> None:

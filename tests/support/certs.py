@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .rabbitmq import RabbitNode, free_port
+from consumer_svc.testing.rabbitmq import RabbitNode, free_port
 
 
 def _name(common_name: str) -> x509.Name:

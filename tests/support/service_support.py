@@ -20,9 +20,9 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from consumer_svc import ExitStatus, Message
 from consumer_svc._settings import Settings, parse_url
+from consumer_svc.testing.rabbitmq import RabbitNode
 
 from .amqp_tools import publish
-from .rabbitmq import RabbitNode
 from .waiting import eventually, within
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ import pika
 import pytest
 from support.certs import CA
 from support.dead_letters import dead_letters, tool
-from support.rabbitmq import free_port
 
 from consumer_svc import _deadletters
+from consumer_svc.testing.rabbitmq import free_port
 
 
 @pytest.mark.parametrize(
