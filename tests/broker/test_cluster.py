@@ -23,7 +23,8 @@ from support.waiting import eventually
 from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message, Reject, Retry
-from consumer_svc._settings import Settings, parse_url
+from consumer_svc._settings import Settings
+from consumer_svc._url import parse_url
 from consumer_svc.testing.rabbitmq import RabbitCluster
 
 Services = Callable[[Settings, Callable[[Message], Any]], Running]

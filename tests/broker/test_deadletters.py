@@ -506,7 +506,7 @@ def amqp_tools_publish(url: str, queue: str, body: bytes, properties: pika.Basic
         connection.close()
 
 
-class RawProperties(pika.BasicProperties):  # type: ignore[misc]
+class RawProperties(pika.BasicProperties):
     """Properties sent as the given bytes: headers RabbitMQ takes and pika cannot decode."""
 
     def __init__(self, encoded: bytes) -> None:

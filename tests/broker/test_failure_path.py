@@ -14,7 +14,8 @@ import pika
 import pytest
 import pytest_twisted
 from support.amqp_tools import declare, get_messages, queue_counts
-from support.service_support import Logs, Running, queue_settles, send, settings_for
+from support.logs import Logs
+from support.service_support import Running, queue_settles, send, settings_for
 from support.waiting import eventually
 from twisted.internet.threads import deferToThread
 

@@ -10,7 +10,8 @@ import pika
 import pytest
 import pytest_twisted
 from support.amqp_tools import connect, get_messages, publish
-from support.service_support import Logs, Running, queue_settles, send, settings_for
+from support.logs import Logs
+from support.service_support import Running, queue_settles, send, settings_for
 from support.waiting import eventually
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -25,7 +26,7 @@ Services = Callable[[Settings, Callable[[Message], Any]], Running]
 
 
 def now() -> float:
-    return float(reactor.seconds())  # type: ignore[attr-defined]
+    return float(reactor.seconds())
 
 
 async def dead_letters(node: RabbitNode, queue: str, count: int, timeout: float = 20) -> list[Any]:

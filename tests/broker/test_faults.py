@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.faultproxy import FaultProxy
+from support.logs import Logs
 from support.service_support import (
     Figures,
-    Logs,
     Running,
     Workload,
     event_time,
@@ -36,8 +36,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message
-from consumer_svc._service import State
 from consumer_svc._settings import Settings
+from consumer_svc._states import State
 from consumer_svc.testing.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.brokers("3.10", "4.0")
@@ -51,7 +51,7 @@ def proxy_url(proxy: FaultProxy) -> str:
 
 
 def now() -> float:
-    return float(reactor.seconds())  # type: ignore[attr-defined]
+    return float(reactor.seconds())
 
 
 def slow_recorder(work: Workload, seconds: float) -> Callable[[Message], Deferred[None]]:

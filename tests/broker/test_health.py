@@ -13,7 +13,9 @@ from support.prometheus import metric
 from support.service_support import Running, queue_settles, send, settings_for
 from support.waiting import eventually, within
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
 
 from consumer_svc import Message, Reject
@@ -41,8 +43,10 @@ async def test_probes_follow_the_service_and_metrics_count_outcomes(
 
     run: Running = services(settings_for(rabbit.url(), queue_name), handler)
     site: HealthFactory = run.service.health_site()
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
-    http = port.getHost().port
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    http = address.port
     try:
         await run.consuming()
         assert await deferToThread(get, http, "/readyz") == (200, "consuming\n")

@@ -5,17 +5,19 @@ STOPPING at stop.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest_twisted
 from support.service_support import settings_for
 from support.waiting import eventually, within
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorUNIXDatagram
 from twisted.internet.protocol import DatagramProtocol
 
 from consumer_svc._notify import Notifier
-from consumer_svc._service import ConsumerService, State
+from consumer_svc._service import ConsumerService
+from consumer_svc._states import State
 from consumer_svc.testing.rabbitmq import RabbitNode
 
 
@@ -40,18 +42,19 @@ async def test_ready_only_once_consuming_and_stopping_at_stop(
     """READY=1 comes after the consumer is registered, never before; WATCHDOG=1 pings while healthy; STOPPING=1 at stop."""
     systemd = Systemd()
     path = str(tmp_path / "notify")
-    port = reactor.listenUNIXDatagram(path, systemd)  # type: ignore[attr-defined]
+    port = cast(IReactorUNIXDatagram, reactor).listenUNIXDatagram(path, systemd, 8192, 0o666)
     states_at_ready: list[State] = []
     try:
-        notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
-        original = notifier.notify
 
-        def spy(**fields: Any) -> None:
-            if "READY" in fields:
-                states_at_ready.append(service.state)
-            original(**fields)
+        class Watched(Notifier):
+            """The real notifier, noting the service's state whenever it sends READY."""
 
-        notifier.notify = spy  # type: ignore[method-assign]
+            def notify(self, **fields: str | int) -> None:
+                if "READY" in fields:
+                    states_at_ready.append(service.state)
+                super().notify(**fields)
+
+        notifier = Watched({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "300000"})
         service = ConsumerService(
             settings_for(rabbit.url(), queue_name),
             lambda m: None,

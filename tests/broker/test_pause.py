@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.amqp_tools import publish
-from support.service_support import Logs, Running, queue_settles, send, settings_for
+from support.logs import Logs
+from support.service_support import Running, queue_settles, send, settings_for
 from support.twistd_support import Twistd
 from support.waiting import eventually, poll_until
 from twisted.internet.threads import deferToThread

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support import amqp_tools
+from support.logs import Logs
 from support.service_support import (
-    Logs,
     Recorder,
     queue_settles,
     ready_and_unacked,
@@ -30,8 +30,8 @@ from twisted.internet.threads import deferToThread
 
 import consumer_svc
 from consumer_svc import ExitStatus, Message
-from consumer_svc._service import State
-from consumer_svc._settings import parse_url
+from consumer_svc._states import State
+from consumer_svc._url import parse_url
 from consumer_svc.testing.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.brokers("3.10", "4.0")

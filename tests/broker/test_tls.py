@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest_twisted
 from support.certs import CA, TLSBroker
-from support.service_support import Logs, Recorder, send, settings_for
+from support.logs import Logs
+from support.service_support import Recorder, send, settings_for
 from support.waiting import eventually
 
-from consumer_svc._service import State
+from consumer_svc._states import State
 from consumer_svc.testing.rabbitmq import RabbitNode
 
 

@@ -15,6 +15,7 @@ from support import TESTS
 from support.faultproxy import FaultProxy, Mode, Traffic
 from support.waiting import eventually, within
 from twisted.internet import error, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import (
@@ -96,7 +97,8 @@ class Client(Protocol):
     def __init__(self) -> None:
         self.received = bytearray()
         self.arrivals: list[tuple[float, bytes]] = []
-        self.lost: Deferred[None] = Deferred()  # see reason
+        #: Fires with why the connection ended (``reason``'s exception), once it has.
+        self.lost: Deferred[BaseException] = Deferred()
         self.reason: Failure | None = None
 
     @property
@@ -109,7 +111,8 @@ class Client(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
-        self.lost.callback(None)  # not the Failure: that would make it an errback
+        assert reason.value is not None  # a Failure holds its exception
+        self.lost.callback(reason.value)  # not the Failure: that would make it an errback
 
 
 class Net:
@@ -118,7 +121,9 @@ class Net:
     def __init__(self) -> None:
         self.echo = EchoServer()
         self.echo_port: IListeningPort = tcp.listenTCP(0, self.echo, interface="127.0.0.1")
-        self.proxy = FaultProxy("127.0.0.1", self.echo_port.getHost().port)  # type: ignore[attr-defined]
+        address = self.echo_port.getHost()
+        assert isinstance(address, IPv4Address)
+        self.proxy = FaultProxy("127.0.0.1", address.port)
         self.proxy.start()
         self.clients: list[Client] = []
 
@@ -140,7 +145,7 @@ class Net:
         """Close the echo server's port (the second time does nothing)."""
         stopped = self.echo_port.stopListening()
         if stopped is not None:
-            await within(WAIT, cast("Deferred[None]", stopped), "echo port closed")
+            await within(WAIT, stopped, "echo port closed")
 
     async def close(self) -> None:
         """Stop the proxy, close every socket of the test and wait until they are closed."""
@@ -267,9 +272,8 @@ async def test_reset_all_aborts_both_sides(net: Net) -> None:
     await net.round_trip(client, b"hi")
 
     assert net.proxy.reset_all() == 1
-    await within(WAIT, client.lost, "client connectionLost")
-    assert client.reason is not None
-    assert isinstance(client.reason.value, error.ConnectionLost), client.reason
+    lost = await within(WAIT, client.lost, "client connectionLost")
+    assert isinstance(lost, error.ConnectionLost), lost
     await eventually(lambda: net.echo.lost, WAIT, what="echo connectionLost")
     assert isinstance(net.echo.lost[0].value, error.ConnectionLost), net.echo.lost[0]
     await eventually(lambda: net.proxy.connection_count == 0, WAIT, what="no connections")
@@ -288,9 +292,8 @@ async def test_an_end_is_passed_on_as_fin_and_held_back_by_a_blackhole(net: Net)
     assert client.reason is None
 
     net.proxy.pass_traffic()
-    await within(WAIT, client.lost, "client connectionLost")
-    assert client.reason is not None
-    assert isinstance(client.reason.value, error.ConnectionDone), client.reason
+    lost = await within(WAIT, client.lost, "client connectionLost")
+    assert isinstance(lost, error.ConnectionDone), lost
     await eventually(lambda: net.proxy.connection_count == 0, WAIT, what="no connections")
 
 
@@ -299,9 +302,8 @@ async def test_a_target_that_is_down_resets_the_client(net: Net) -> None:
     """When the upstream connect is refused, the accepted client is reset, not left waiting."""
     await net.stop_echo()
     client = await net.connect()
-    await within(WAIT, client.lost, "client connectionLost")
-    assert client.reason is not None
-    assert isinstance(client.reason.value, error.ConnectionLost), client.reason
+    lost = await within(WAIT, client.lost, "client connectionLost")
+    assert isinstance(lost, error.ConnectionLost), lost
     await eventually(lambda: net.proxy.connection_count == 0, WAIT, what="no connections")
 
 

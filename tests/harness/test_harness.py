@@ -20,6 +20,7 @@ from support.waiting import Timeout, eventually, poll_until, within
 from twisted.internet.defer import Deferred
 
 from consumer_svc.testing.rabbitmq import (
+    ClusterQueue,
     CtlError,
     QueueStats,
     RabbitCluster,
@@ -308,6 +309,7 @@ def test_a_cluster_forms_and_keeps_a_quorum_queue_through_a_kill_9(
         30,
         message="three members",
     )
+    assert isinstance(placed, ClusterQueue)
     assert placed.type == "quorum"
     assert placed.members == tuple(rabbit_cluster.nodenames)
     assert placed.leader in placed.members

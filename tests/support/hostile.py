@@ -172,10 +172,10 @@ def encode_value(value: Any) -> bytes:
     if isinstance(value, Decimal):
         sign, digits, exponent = value.as_tuple()
         assert isinstance(exponent, int), value
-        raw = int("".join(map(str, digits)) or "0") * (-1 if sign else 1)
+        unscaled = int("".join(map(str, digits)) or "0") * (-1 if sign else 1)
         if exponent > 0:
-            raw, exponent = raw * 10**exponent, 0
-        return b"D" + struct.pack(">Bi", -exponent, raw)
+            unscaled, exponent = unscaled * 10**exponent, 0
+        return b"D" + struct.pack(">Bi", -exponent, unscaled)
     if isinstance(value, datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)
@@ -188,7 +188,7 @@ def encode_value(value: Any) -> bytes:
     raise TypeError(f"no AMQP field for a {type(value).__name__}: wrap it in Raw")
 
 
-class _RawHeaders(spec.BasicProperties):  # type: ignore[misc]
+class _RawHeaders(spec.BasicProperties):
     """Properties whose header table goes out as the given bytes."""
 
     def __init__(self, table: bytes, **properties: Any) -> None:

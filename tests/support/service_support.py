@@ -16,13 +16,15 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from consumer_svc import ExitStatus, Message
-from consumer_svc._settings import Settings, parse_url
+from consumer_svc._settings import Settings
+from consumer_svc._url import parse_url
 from consumer_svc.testing.rabbitmq import RabbitNode
 
 from .amqp_tools import publish
+from .logs import Logs, captured
 from .waiting import eventually, within
 
 if TYPE_CHECKING:
@@ -46,28 +48,11 @@ class Recorder:
         return Counter(self.bodies)
 
 
-class Logs:
-    """Captures formatted log lines while a test runs."""
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def lines(self) -> list[str]:
-        return [formatEvent(e) for e in self.events]
-
-    def text(self) -> str:
-        return "\n".join(self.lines())
-
-
 @pytest.fixture
 def logs() -> Iterator[Logs]:
-    captured = Logs()
-    globalLogPublisher.addObserver(captured)
-    yield captured
-    globalLogPublisher.removeObserver(captured)
+    """Every log event of the test."""
+    with captured() as events:
+        yield events
 
 
 def settings_for(url: str, queue: str, **overrides: Any) -> Settings:
@@ -97,7 +82,7 @@ class Running:
         self.service.startService()
 
     async def consuming(self, timeout: float = 20) -> None:
-        from consumer_svc._service import State
+        from consumer_svc._states import State
 
         await eventually(
             lambda: self.service.state is State.CONSUMING,

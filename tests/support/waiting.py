@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast, overload
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -73,6 +73,32 @@ def within(
 
     d.addBoth(done)
     return result
+
+
+# A predicate that gives an awaitable (a Deferred, a coroutine) is awaited: eventually gives
+# what the awaitable does.
+@overload
+async def eventually(
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float,
+    interval: float = ...,
+    what: str = ...,
+    *,
+    blocking: bool = ...,
+    clock: IReactorTime | None = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = ...,
+    what: str = ...,
+    *,
+    blocking: bool = ...,
+    clock: IReactorTime | None = ...,
+) -> T: ...
 
 
 async def eventually(

@@ -14,15 +14,17 @@ from typing import Any, Callable
 from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
 from pika.spec import BasicProperties
 from support.consuming import SETTINGS, Scripted
-from twisted.internet.defer import Deferred, fail
+from support.logs import Logs, captured
+from support.state import fired
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent
 
 from consumer_svc import Message, Reject, Retry
 from consumer_svc._consumer import Consumer
 from consumer_svc._states import Event, Facts, State, Transition
 from consumer_svc.testing import FakeChannel, FakeConnection
-from consumer_svc.testing._fakes import connect, invoker
+from consumer_svc.testing._fakes import Sent, connect, invoker
 
 
 class Setup:
@@ -140,10 +142,10 @@ def test_draining_waits_for_in_flight_messages_and_acks_them() -> None:
     channel.deliver(1)
     drained = stop(consumer, 30)
     assert channel.cancelled
-    assert not drained.called
+    assert not fired(drained)
     clock.advance(10)
     pending.callback(None)
-    assert drained.called
+    assert fired(drained)
     assert channel.settled == [("ack", 1)]
     assert clock.getDelayedCalls() == []
 
@@ -193,22 +195,16 @@ def test_a_broker_cancel_is_reported() -> None:
 
 def test_a_handler_holding_the_reactor_is_named_in_a_warning() -> None:
     """A synchronous call that holds the reactor for over a second is logged with the handler's name."""
-    from twisted.logger import globalLogPublisher
+    now = [0.0]
 
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        now = [0.0]
+    def hog(message: Message) -> None:
+        now[0] += 7.0  # seven seconds of the reactor's time
 
-        def hog(message: Message) -> None:
-            now[0] += 7.0  # seven seconds of the reactor's time
-
+    with captured() as logs:
         consumer, channel, _, _ = consuming(hog)
         consumer.monotonic = lambda: now[0]
         channel.deliver(1)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    [stall] = [e for e in events if "stall_seconds" in e]
+    [stall] = [e for e in logs.events if "stall_seconds" in e]
     assert stall["handler"] == "tests.handler"
     assert stall["stall_seconds"] == 7.0
     assert channel.settled == [("ack", 1)]
@@ -341,13 +337,8 @@ def test_a_failed_publish_fails_the_handler() -> None:
 
 def request(setup: Setup, tag: int, reply_to: str | None) -> None:
     """Deliver an RPC request asking for a reply to ``reply_to``."""
-    method = type(
-        "Deliver",
-        (),
-        {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
-    )
     properties = BasicProperties(reply_to=reply_to, correlation_id="c-9")
-    setup.channel.on_message(setup.channel, method, properties, b"ping")
+    setup.channel.deliver(tag, b"ping", properties=properties)
 
 
 def test_a_reply_goes_to_reply_to_with_the_correlation_id() -> None:
@@ -419,9 +410,9 @@ def test_a_handler_past_its_timeout_is_cancelled_and_retried() -> None:
     setup = Setup(lambda m: pending)
     setup.channel.deliver(1)
     setup.clock.advance(SETTINGS.handler_timeout - 1)
-    assert not pending.called
+    assert not fired(pending)
     setup.clock.advance(1)
-    assert pending.called
+    assert fired(pending)  # cancelled
     [(queue, _, _)] = setup.publisher.published
     assert queue == "q.retry.5s"
     assert setup.channel.settled == [("ack", 1)]
@@ -461,6 +452,17 @@ def test_a_dead_letter_queue_with_other_arguments_is_fatal() -> None:
     assert "queue 'q.dead' exists with other arguments" in str(setup.fatal[0])
 
 
+def refusing(channel: FakeChannel, refusal: Exception) -> None:
+    """The broker refuses the next publish on ``channel``, closing the channel as it does."""
+
+    def refuse(sent: Sent) -> None:
+        channel.is_open = False
+        channel.closed.callback(refusal)
+        sent.confirm.errback(refusal)
+
+    channel.on_publish = refuse
+
+
 def test_a_copy_the_broker_refuses_is_parked_bare_without_a_reconnect() -> None:
     """Refused twice (once on its own), the body is parked without its headers; the channel is reopened, not the connection."""
     setup = Setup(failing(RuntimeError("boom")))
@@ -469,16 +471,8 @@ def test_a_copy_the_broker_refuses_is_parked_bare_without_a_reconnect() -> None:
     setup.connection.channels = [reopened, again]
     refusal = ChannelClosedByBroker(406, "PRECONDITION_FAILED - user_id property set to 'p'")
 
-    def refuse(channel: FakeChannel) -> None:
-        def publish(*args: Any, **kwargs: Any) -> Deferred[Any]:
-            channel.is_open = False
-            channel.closed.callback(refusal)
-            return fail(refusal)
-
-        channel.publish = publish  # type: ignore[method-assign]
-
-    refuse(setup.publisher)
-    refuse(reopened)
+    refusing(setup.publisher, refusal)
+    refusing(reopened, refusal)
     setup.channel.deliver(1, body=b"job", headers={"tenant": "a"})
     setup.clock.advance(0)
     [(queue, body, headers)] = again.published
@@ -497,12 +491,7 @@ def test_an_innocent_copy_refused_with_a_guilty_one_is_retried_in_full() -> None
     setup.connection.channels = [reopened]
     refusal = ChannelClosedByBroker(406, "PRECONDITION_FAILED - refused")
 
-    def publish(*args: Any, **kwargs: Any) -> Deferred[Any]:
-        setup.publisher.is_open = False
-        setup.publisher.closed.callback(refusal)
-        return fail(refusal)
-
-    setup.publisher.publish = publish  # type: ignore[method-assign]
+    refusing(setup.publisher, refusal)
     setup.channel.deliver(1, headers={"tenant": "a"})
     [(queue, _, headers)] = reopened.published
     assert queue == "q.retry.5s"
@@ -553,28 +542,20 @@ def test_a_handler_returning_a_generator_is_retried_never_acked() -> None:
     assert channel.settled == [("ack", 1)]  # acked only once its retry copy was confirmed
 
 
-def captured_events() -> tuple[list[LogEvent], Callable[[], None]]:
-    """Collect every log event until the returned function is called."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    return events, lambda: globalLogPublisher.removeObserver(events.append)
-
-
-def failure_lines(events: list[LogEvent]) -> list[LogEvent]:
-    return [e for e in events if e.get("log_format", "").startswith("Handler {handler} failed")]
+def failure_lines(logs: Logs) -> list[LogEvent]:
+    return [
+        e for e in logs.events if e.get("log_format", "").startswith("Handler {handler} failed")
+    ]
 
 
 def test_a_handler_failure_is_a_warning_with_its_traceback() -> None:
     """An exception from the handler is expected in a service's life: logged at warn, traceback kept (text and JSON)."""
     from consumer_svc import json_lines
 
-    events, stop = captured_events()
-    try:
+    with captured() as logs:
         setup = Setup(failing(RuntimeError("database down")))
         setup.channel.deliver(1)
-    finally:
-        stop()
-    [event] = failure_lines(events)
+    [event] = failure_lines(logs)
     assert event["log_level"] is LogLevel.warn
     assert event["log_failure"].check(RuntimeError)
     out = io.StringIO()
@@ -586,30 +567,21 @@ def test_a_handler_failure_is_a_warning_with_its_traceback() -> None:
 
 def test_reject_and_retry_are_warnings_without_a_traceback() -> None:
     """A handler's own decision is no surprise: a warning, one line."""
-    events, stop = captured_events()
-    try:
+    with captured() as logs:
         Setup(failing(Reject("malformed"))).channel.deliver(1)
         Setup(failing(Retry("later"))).channel.deliver(1)
-    finally:
-        stop()
-    lines = failure_lines(events)
+    lines = failure_lines(logs)
     assert [e["log_level"] for e in lines] == [LogLevel.warn, LogLevel.warn]
     assert all("log_failure" not in e for e in lines)
 
 
 def deliver_with_id(channel: FakeChannel, tag: int, message_id: str | None) -> None:
-    method = type(
-        "Deliver",
-        (),
-        {"delivery_tag": tag, "routing_key": "q", "exchange": "", "redelivered": False},
-    )
-    channel.on_message(channel, method, BasicProperties(message_id=message_id), b"x")
+    channel.deliver(tag, properties=BasicProperties(message_id=message_id))
 
 
 def test_log_lines_name_a_message_by_its_id_else_by_tag_and_channel() -> None:
     """A message_id names the message; without one, the tag and which consuming channel it came on, so tag 1 after a reconnect is not tag 1 before."""
-    events, stop = captured_events()
-    try:
+    with captured() as logs:
         setup = Setup(failing(RuntimeError("boom")))
         deliver_with_id(setup.channel, 1, "order-42")
         deliver_with_id(setup.channel, 2, None)
@@ -617,11 +589,9 @@ def test_log_lines_name_a_message_by_its_id_else_by_tag_and_channel() -> None:
         again = FakeChannel(setup.clock)
         connect(setup.consumer.machine, FakeConnection(FakeChannel(setup.clock), again))
         deliver_with_id(again, 1, None)
-    finally:
-        stop()
-    names = [e["message_name"] for e in failure_lines(events)]
+    names = [e["message_name"] for e in failure_lines(logs)]
     assert names == ["message 'order-42'", "message 2 of channel 1", "message 1 of channel 2"]
-    [first, *_] = failure_lines(events)
+    [first, *_] = failure_lines(logs)
     assert (first["message_id"], first["channel"], first["tag"]) == ("order-42", 1, 1)
     assert formatEvent(first).startswith(
         "Handler tests.handler failed on message 'order-42' (attempt 1): RuntimeError: boom"

@@ -7,6 +7,7 @@ asyncio reactor's way a private asyncio loop (the test reactor is never touched)
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -171,7 +172,7 @@ def test_blocking_refuses_what_a_thread_cannot_run() -> None:
     with pytest.raises(
         TypeError, match=r"marked @consumer_svc\.blocking but a str, not a callable"
     ):
-        consumer_svc.blocking("handle")  # type: ignore[type-var]
+        consumer_svc.blocking("handle")  # type: ignore[type-var]  # the misuse under test
 
 
 def test_a_non_callable_marked_blocking_is_refused(module: Callable[[str], str]) -> None:
@@ -228,6 +229,7 @@ def test_a_returned_generator_fails_the_call() -> None:
         yield None
 
     generator = make(message())
+    assert inspect.isgenerator(generator)
 
     with pytest.raises(TypeError, match="returned a generator: nothing ran"):
         invoker(lambda m: generator)(message())
@@ -254,6 +256,7 @@ def test_a_coroutine_from_a_blocking_thread_fails_the_message() -> None:
         ran.append("body")
 
     coroutine = work()
+    assert inspect.iscoroutine(coroutine)
     handle = consumer_svc.blocking(lambda m: coroutine)
     failure = outcome(invoker(handle)(message()))
     assert isinstance(failure, Failure)
@@ -269,7 +272,8 @@ def test_a_deferred_or_generator_from_a_blocking_thread_fails_the_message() -> N
     def generator() -> Iterator[None]:
         yield None
 
-    for result in (Deferred(), generator()):
+    results: tuple[object, ...] = (Deferred(), generator())
+    for result in results:
         handle = consumer_svc.blocking(lambda m, r=result: r)
         failure = outcome(invoker(handle)(message()))
         assert isinstance(failure, Failure), result

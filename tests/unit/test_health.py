@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from support.prometheus import metric
+from support.state import aborted
 from support.twistd_support import TWISTD
 from support.waiting import poll_until
 from twisted.internet.address import IPv4Address
@@ -31,6 +32,7 @@ from consumer_svc._health import (
     MAX_REQUEST_HEAD,
     HealthFactory,
     Metrics,
+    _ProbeProtocol,
     health_site,
 )
 
@@ -68,8 +70,9 @@ def probes(clock: Clock, **limits: Any) -> HealthFactory:
     return factory
 
 
-def connect(factory: HealthFactory) -> tuple[Protocol, StringTransport]:
+def connect(factory: HealthFactory) -> tuple[_ProbeProtocol, StringTransport]:
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert isinstance(protocol, _ProbeProtocol)
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
@@ -115,7 +118,7 @@ def test_a_request_body_is_refused_unread() -> None:
         assert transport.value().startswith(b"HTTP/1.1 413 ")
         assert transport.disconnecting
         protocol.dataReceived(b"x" * 65536)
-        assert protocol._buffer == b""  # type: ignore[attr-defined]
+        assert protocol._buffer == b""
 
 
 def test_an_endless_request_head_is_cut_off() -> None:
@@ -169,9 +172,9 @@ def test_idle_and_slow_connections_are_timed_out() -> None:
     factory = probes(clock)
     idle, idle_transport = connect(factory)
     clock.advance(CONNECTION_TIMEOUT - 0.1)
-    assert not idle_transport.disconnected
+    assert not aborted(idle_transport)
     clock.advance(0.2)
-    assert idle_transport.disconnected
+    assert aborted(idle_transport)
     close(idle)
     assert factory.open == 0
     assert clock.getDelayedCalls() == []

@@ -22,7 +22,7 @@ from consumer_svc._log import _Setup, configure
 from consumer_svc._notify import Notifier
 from consumer_svc._retry import describe_failure
 from consumer_svc._secrets import install, redact
-from consumer_svc._settings import parse_url
+from consumer_svc._url import parse_url
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 NO_BROKER = ["--queue", "q", "--url", "amqp://guest:s3cret@127.0.0.1:1/"]

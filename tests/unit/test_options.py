@@ -128,11 +128,13 @@ def test_no_declare_from_flag_and_environment() -> None:
 
 def test_the_handler_is_imported_when_options_are_parsed() -> None:
     """--handler module:function resolves to the function itself."""
-    options = parse(["--queue", "q", "--handler", "json:loads"])
     import json
 
-    assert options.handler is json.loads
-    assert parse(["--queue", "q", "--handler", "json.dumps"]).handler is json.dumps
+    # Any callable will do as the handler's signature goes: the option only imports it.
+    loads: object = parse(["--queue", "q", "--handler", "json:loads"]).handler
+    dumps: object = parse(["--queue", "q", "--handler", "json.dumps"]).handler
+    assert loads is json.loads
+    assert dumps is json.dumps
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 from support.service_support import settings_for
+from support.state import fired
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from consumer_svc._service import STOP_GRACE, ConsumerService, State
+from consumer_svc._service import STOP_GRACE, ConsumerService
+from consumer_svc._states import State
 from consumer_svc.testing import FakeConnection
 
 
@@ -51,9 +53,9 @@ def test_a_stop_whose_close_never_finishes_ends_at_the_deadline() -> None:
     service._connection = connection
     stopped = service.stopService()
     reactor.advance(10 + STOP_GRACE - 0.01)
-    assert not stopped.called
+    assert not fired(stopped)
     reactor.advance(0.02)
-    assert stopped.called
+    assert fired(stopped)
     assert connection.socket.disconnected  # aborted
     assert service.state is State.STOPPED
     assert STOP_GRACE < 5

@@ -404,7 +404,9 @@ async def test_pytest_twisted_awaits_a_handler_on_the_real_reactor() -> None:
     async def handler(m: Message) -> None:
         await task.deferLater(reactor, 0.01, lambda: None)
 
-    result = await Runner(handler).run(message())  # type: ignore[misc]
+    pending = Runner(handler).run(message())
+    assert isinstance(pending, Deferred)
+    result = await pending
     assert result.outcome is Outcome.ACKED
 
 

@@ -55,7 +55,7 @@ def test_a_taken_health_port_is_one_line_and_exit_64(twistd: Callable[..., Twist
         run = twistd(
             ["--url", "amqp://guest:guest@127.0.0.1:1/", "--queue", "q", "--health-port", str(port)]
         )
-        assert run.wait(60) == consumer_svc.ExitStatus.CONFIG == 64
+        assert run.wait(60) == consumer_svc.ExitStatus.CONFIG.value == 64
     text = run.text()
     assert "Traceback" not in text
     [line] = [line for line in text.splitlines() if "cannot listen" in line]
