@@ -2,7 +2,7 @@
 #   make bootstrap   .venv with the package and its [test,dev] extras, RabbitMQ if missing,
 #                    RabbitMQ 4.0 in a Debian 13 root under .tmp (scripts/rabbitmq4-root.sh)
 #   make run         twistd consumer with tap.conf, against a local broker (ARGS="--queue x")
-#   make test        lint, type check, then pytest (PYTEST_ARGS="-k harness -x")
+#   make test        lint, type check (the tests too), then pytest (PYTEST_ARGS="tests/unit -x")
 #   make lint        ruff check and ruff format --check
 #   make bench       the side-by-side benchmark (BENCH_ARGS="--repeat 5")
 #   make clean       remove build output, caches and .tmp (keeps .venv; distclean drops it)
@@ -23,8 +23,9 @@ lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The tests too, with the same settings (pyproject.toml [tool.mypy]).
 typecheck: bootstrap
-	$(BIN)/mypy consumer_svc
+	$(BIN)/mypy consumer_svc tests
 
 format: bootstrap
 	$(BIN)/ruff check --fix .

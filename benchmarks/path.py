@@ -23,7 +23,8 @@ from twisted.internet.task import Clock
 
 from consumer_svc._consumer import Consumer
 from consumer_svc._health import Metrics
-from consumer_svc._settings import Settings, parse_url
+from consumer_svc._settings import Settings
+from consumer_svc._url import parse_url
 from consumer_svc.testing._fakes import connect
 
 

@@ -1,8 +1,8 @@
 """Tests for examples/tasks.py: a template for testing your own handlers.
 
 Run them with ``pytest examples/test_tasks.py`` (consumer_svc's own suite does, in
-tests/test_examples.py). The unit tests need no broker: `consumer_svc.testing.Runner` runs
-each handler through the service's real rules. The last test runs ``twistd consumer`` on a
+tests/broker/test_examples.py). The unit tests need no broker: `consumer_svc.testing.Runner`
+runs each handler through the service's real rules. The last test runs ``twistd consumer`` on a
 throwaway RabbitMQ node from consumer_svc's pytest plugin (the ``rabbitmq_url`` fixture).
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Debian 13 root with RabbitMQ 4.0 in it, for the tests' 4.0 nodes (tests/rabbitmq.py);
+# A Debian 13 root with RabbitMQ 4.0 in it, for the tests' 4.0 nodes (consumer_svc/testing/rabbitmq.py);
 # safe to run again and again, and quick once the root is ready.
 #
 # Debian 13's rabbitmq-server (4.0.x) needs a newer glibc than this Debian 12 host has, so the
@@ -20,7 +20,7 @@ fail() {
     exit 1
 }
 
-# The same check tests/rabbitmq.py makes before it starts a 4.0 node.
+# The same check consumer_svc/testing/rabbitmq.py makes before it starts a 4.0 node.
 usable() { compgen -G "$1/usr/lib/rabbitmq/lib/rabbitmq_server-4.0.*/sbin/rabbitmq-server" >/dev/null; }
 
 if [ -n "${RABBITMQ4_ROOT:-}" ]; then

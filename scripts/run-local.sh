@@ -23,7 +23,7 @@ fi
 # Its own session: a Ctrl-C reaches twistd (through the trap below), not the broker, which
 # must outlive the consumer's graceful shutdown. It also stops itself if this script dies.
 mkdir -p .tmp
-setsid .venv/bin/python tests/rabbitmq.py serve --port "$port" --dir ".tmp/local-broker-$port" &
+setsid .venv/bin/python -m consumer_svc.testing.rabbitmq serve --port "$port" --dir ".tmp/local-broker-$port" &
 broker=$!
 export AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2F"
 consumer=""

@@ -11,6 +11,11 @@ RabbitMQ versions: a test runs against 3.10 (the host's package) unless its modu
 is marked ``pytest.mark.brokers("3.10", "4.0")``; then each test that uses a broker fixture
 (``rabbit``, ``fresh_rabbit``, ``rabbit_factory``, ``rabbit_cluster``, ``cluster_factory`` or
 ``rabbit_version``) runs once per version, with ids like ``test_x[rabbitmq-4.0]``.
+
+The nodes come from the pytest plugin that ships with consumer_svc
+(`consumer_svc.testing.pytest_plugin`): ``rabbit`` is its session-wide ``rabbitmq_node`` on 3.10
+(and ``rabbitmq_4_0_node``, defined here alike, on 4.0), ``rabbit_factory`` its
+``rabbitmq_factory`` making nodes of the test's version. Clusters are this file's own.
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ import contextlib
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-import amqp_tools
 import pytest
-from rabbitmq import DEFAULT_VERSION, VERSIONS, RabbitCluster, RabbitNode, RabbitNodeError
+from support import CHECKOUT, amqp_tools
 
-RabbitFactory = Callable[..., RabbitNode]
+from consumer_svc.testing import rabbitmq as harness
+from consumer_svc.testing.pytest_plugin import RabbitFactory
+from consumer_svc.testing.rabbitmq import DEFAULT_VERSION, VERSIONS, RabbitCluster, RabbitNode
+
 ClusterFactory = Callable[..., RabbitCluster]
+
+# 4.0 nodes use this checkout's Debian 13 root, wherever pytest runs from ($RABBITMQ4_ROOT wins).
+harness.DEFAULT_RABBITMQ4_ROOT = CHECKOUT / ".tmp" / "debian13-root"
 
 # The fixtures that give a test a broker ("rabbit_version" too, for a test that makes its
 # own nodes of the version); "brokers" parametrizes tests that use one.
@@ -41,9 +52,24 @@ BROKER_FIXTURES = frozenset(
     }
 )
 
+#: Every fixture that starts a RabbitMQ node: no test under tests/unit/ may use one.
+NODE_FIXTURES = BROKER_FIXTURES - {"rabbit_version"} | {
+    "rabbitmq_node",
+    "rabbitmq_url",
+    "rabbitmq_factory",
+    "rabbitmq_4_0_node",
+    "tls_broker",
+}
+UNIT = Path(__file__).parent / "unit"
+
 # Fixtures for running the service in-process (logs, services, figures) and as twistd,
-# and a TLS broker node (tls_broker, one per test module that uses it).
-pytest_plugins = ["service_support", "twistd_support", "certs"]
+# a TLS broker node (tls_broker, one per test module that uses it) and recorded spans.
+pytest_plugins = [
+    "support.service_support",
+    "support.twistd_support",
+    "support.certs",
+    "support.spans",
+]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -63,90 +89,64 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse the run if a unit test asks for a broker: the folder says what a test needs."""
+    misplaced = [
+        item.nodeid
+        for item in items
+        if UNIT in item.path.parents and NODE_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            "these unit tests use a broker; move them to tests/broker/: " + ", ".join(misplaced)
+        )
+
+
 @pytest.fixture
 def rabbit_version(request: pytest.FixtureRequest) -> str:
     """The RabbitMQ series this test runs against: its ``brokers`` parameter, else 3.10."""
     return str(getattr(request, "param", DEFAULT_VERSION))
 
 
-class _SharedNodes:
-    """The session's shared nodes, one per version, each started on first use."""
-
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
-        self._tmp = tmp_path_factory
-        self._nodes: dict[str, RabbitNode] = {}
-        self._failed: dict[str, RabbitNodeError] = {}
-
-    def get(self, version: str) -> RabbitNode:
-        if version in self._failed:  # do not wait a start timeout again for every test
-            raise RabbitNodeError(f"the shared {version} node failed to start earlier") from (
-                self._failed[version]
-            )
-        if version not in self._nodes:
-            node = RabbitNode(self._tmp.mktemp(f"rabbit-{version}-"), version=version)
-            try:
-                node.start()
-            except RabbitNodeError as e:
-                self._failed[version] = e
-                raise
-            self._nodes[version] = node
-        return self._nodes[version]
-
-    def stop(self) -> None:
-        errors = []
-        for node in self._nodes.values():
-            try:
-                node.stop()
-            except Exception as e:  # stop the others before reporting
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-
 @pytest.fixture(scope="session")
-def _shared_rabbits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_SharedNodes]:
-    nodes = _SharedNodes(tmp_path_factory)
-    yield nodes
-    nodes.stop()
+def rabbitmq_4_0_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    """The session's shared 4.0 node, started on first use: the plugin's ``rabbitmq_node`` is 3.10's.
+
+    A node that fails to start fails every test that asks for it, at once: pytest keeps a
+    session fixture's error rather than waiting out the start again for each test.
+    """
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq-4.0"), version="4.0")
+    node.start()
+    yield node
+    node.stop()
+
+
+#: The fixture of each version's shared node.
+SHARED_NODES = {"3.10": "rabbitmq_node", "4.0": "rabbitmq_4_0_node"}
+assert set(SHARED_NODES) == set(VERSIONS), "a shared node fixture for each version"
 
 
 @pytest.fixture
-def rabbit(_shared_rabbits: _SharedNodes, rabbit_version: str) -> RabbitNode:
+def rabbit(request: pytest.FixtureRequest, rabbit_version: str) -> RabbitNode:
     """The run's private node of this test's version, shared by all tests; keep it healthy."""
-    return _shared_rabbits.get(rabbit_version)
-
-
-def _stop_all(things: list[RabbitNode] | list[RabbitCluster]) -> None:
-    errors = []
-    for thing in reversed(things):
-        try:
-            thing.stop()
-        except Exception as e:  # stop the others before reporting
-            errors.append(e)
-    if errors:
-        raise errors[0]
+    node = request.getfixturevalue(SHARED_NODES[rabbit_version])
+    assert isinstance(node, RabbitNode)
+    return node
 
 
 @pytest.fixture
-def rabbit_factory(
-    tmp_path_factory: pytest.TempPathFactory, rabbit_version: str
-) -> Iterator[RabbitFactory]:
+def rabbit_factory(rabbitmq_factory: RabbitFactory, rabbit_version: str) -> RabbitFactory:
     """Start extra nodes, e.g. ``rabbit_factory("consumer_timeout = 5000")``; all stop after.
 
-    Nodes are of the test's version unless ``version=`` says otherwise.
+    The plugin's ``rabbitmq_factory``, making nodes of the test's version unless ``version=``
+    says otherwise.
     """
-    nodes: list[RabbitNode] = []
 
-    def make(*config: str, start: bool = True, **kwargs: Any) -> RabbitNode:
+    def make(*config: str, **kwargs: Any) -> RabbitNode:
         kwargs.setdefault("version", rabbit_version)
-        node = RabbitNode(tmp_path_factory.mktemp("rabbit"), config=config, **kwargs)
-        nodes.append(node)
-        if start:
-            node.start()
-        return node
+        return rabbitmq_factory(*config, **kwargs)
 
-    yield make
-    _stop_all(nodes)
+    return make
 
 
 @pytest.fixture
@@ -169,7 +169,14 @@ def cluster_factory(
         return cluster
 
     yield make
-    _stop_all(clusters)
+    errors: list[Exception] = []
+    for cluster in reversed(clusters):
+        try:
+            cluster.stop()
+        except Exception as e:  # stop the others before reporting
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture

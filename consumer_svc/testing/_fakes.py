@@ -1,10 +1,16 @@
 """Typed fakes of the broker side, for driving the real `Consumer` without a broker.
 
 `FakeChannel` stands in for ``consumer_svc._channel.Channel`` and `FakeConnection` for
-``AMQPConnection``; each records what the consumer did with it. `SynchronousThreadPool` and
-`ImmediateReactor` let the real `Invoker` run a ``@blocking`` handler in the calling thread.
-tests/test_testing.py checks that each fake has every public method of the real object, with
-the same parameters, so that the fakes cannot drift from what they stand in for.
+``AMQPConnection``; each records what the consumer did with it. `FakeNotifier` is the real
+`Notifier` recording what it would tell systemd. `invoker` gives the real `Invoker` on a
+`SynchronousThreadPool` and an `ImmediateReactor`, so a ``@blocking`` handler runs in the
+calling thread.
+
+To the type checker each fake *is* the object it stands in for (see `_ChannelBase`), so a test
+passes it where the service takes the real one without a cast, and mypy holds every method a
+fake overrides to the real one's signature. At run time they are plain classes:
+tests/unit/test_testing.py checks that each has every public method of the real object, with
+the same parameters. Between the two, the fakes cannot drift from what they stand in for.
 
 Nothing here imports the reactor or pika's Twisted adapter.
 """
@@ -13,23 +19,46 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pika import spec
 from pika.exceptions import ChannelClosedByBroker
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
+from .._handler import Handler, Invoker
+from .._notify import Notifier
 from .._states import Event, Facts, Machine
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    from twisted.internet.testing import StringTransport
+    from typing_extensions import ParamSpec
+
+    # The real classes import pika's Twisted adapter, hence the reactor: only mypy sees them.
+    from .._channel import Channel
+    from .._connection import AMQPConnection
+
+    _ChannelBase = Channel
+    _ConnectionBase = AMQPConnection
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
+else:
+    _ChannelBase = _ConnectionBase = object
 
 __all__ = [
     "FakeChannel",
     "FakeConnection",
+    "FakeNotifier",
     "ImmediateReactor",
     "Sent",
     "SynchronousThreadPool",
     "connect",
+    "invoker",
 ]
 
 
@@ -51,13 +80,17 @@ class Sent:
         return dict(headers or {})
 
 
-class FakeChannel:
+class FakeChannel(_ChannelBase):
     """Stands in for consumer_svc._channel.Channel and records what the consumer does with it.
 
     Publishes are confirmed at once while ``auto_confirm`` is true; otherwise each waits in
     ``confirms`` for the test to fire it, unless ``on_publish`` (called with each `Sent`)
     settles it first. Acks are what reached the wire: see `settled`.
     """
+
+    # The real channel's are read-only properties; a test sets these.
+    number: int
+    is_open: bool
 
     def __init__(self, clock: Clock | None = None, number: int = 1) -> None:
         self.clock = clock
@@ -222,33 +255,45 @@ class _DeclareOk:
         self.method = type("DeclareOk", (), {"message_count": ready, "consumer_count": 0})()
 
 
-class FakeConnection:
-    """Hands out the publisher channel first, then the consumer channel, then new ones (declares)."""
+class FakeConnection(_ConnectionBase):
+    """Stands in for AMQPConnection: hands out the publisher channel first, then the consumer
+    channel, then new ones (declares); a shutdown is recorded and done at once."""
 
     def __init__(self, *channels: FakeChannel) -> None:
         self.channels = list(channels)
-        self.opened: list[FakeChannel] = []
+        #: As AMQPConnection's: the handshake finished (a fake connection is handed over open).
+        self.opened = True
+        #: Every channel handed out, in order.
+        self.channels_opened: list[FakeChannel] = []
         self.lost = False
         #: Makes each declare on a channel of its own fail with this, if set.
         self.refuse_declares: Exception | None = None
         #: The ready messages a declare on a channel of its own reports.
         self.ready = 0
+        #: None: no socket. The service aborts the transport of a connection that will not close.
+        self.transport: StringTransport | None = None
+        #: The timeout of each shutdown the service asked for, in order.
+        self.shutdowns: list[float] = []
 
-    def open_channel(self) -> Deferred[FakeChannel]:
+    def open_channel(self) -> Deferred[Channel]:
         if self.channels:
             channel = self.channels.pop(0)
         else:  # a channel of its own for a declare
-            channel = FakeChannel(number=len(self.opened) + 1)
+            channel = FakeChannel(number=len(self.channels_opened) + 1)
             channel.refuse_declares = self.refuse_declares
             channel.ready = self.ready
-        self.opened.append(channel)
+        self.channels_opened.append(channel)
         return succeed(channel)
+
+    def shutdown(self, timeout: float) -> Deferred[None]:
+        self.shutdowns.append(timeout)
+        return succeed(None)
 
     @property
     def declared(self) -> dict[str, Any]:
         """Every queue declared on any channel, with its arguments."""
         found: dict[str, Any] = {}
-        for channel in self.opened:
+        for channel in self.channels_opened:
             found.update(channel.declared)
         return found
 
@@ -259,25 +304,27 @@ def connect(machine: Machine, connection: FakeConnection) -> None:
     machine.fire(Event.CONNECTED, Facts(connection=connection))
 
 
-class SynchronousThreadPool:
-    """Stands in for the service's thread pool: runs each call at once, in the calling thread."""
+class SynchronousThreadPool(ThreadPool):
+    """A thread pool that has no threads: each call runs at once, in the calling thread."""
 
     def __init__(self) -> None:
+        super().__init__(minthreads=0, maxthreads=1, name="synchronous")
         self.calls = 0
 
     def callInThreadWithCallback(
         self,
-        onResult: Callable[[bool, Any], None] | None,
-        func: Callable[..., Any],
-        *args: Any,
-        **kw: Any,
+        onResult: Callable[[bool, _R], object] | None,
+        func: Callable[_P, _R],
+        *args: _P.args,
+        **kw: _P.kwargs,
     ) -> None:
         self.calls += 1
         try:
             result = func(*args, **kw)
         except BaseException:
             if onResult is not None:
-                onResult(False, Failure())
+                # Twisted's own annotation says _R, but a failure is reported as a Failure.
+                onResult(False, Failure())  # type: ignore[arg-type]
             return
         if onResult is not None:
             onResult(True, result)
@@ -288,3 +335,34 @@ class ImmediateReactor:
 
     def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         f(*args, **kwargs)
+
+
+def invoker(handler: Handler, reactor: Any = None) -> Invoker:
+    """The real `Invoker` of ``handler``, its ``@blocking`` calls run at once in this thread.
+
+    ``reactor`` (by default an `ImmediateReactor`) needs ``callFromThread``, and whatever the
+    handler's kind asks of it (the asyncio reactor's loop, say).
+    """
+    return Invoker(
+        handler, ImmediateReactor() if reactor is None else reactor, SynchronousThreadPool()
+    )
+
+
+class FakeNotifier(Notifier):
+    """The real `Notifier` without a socket: records what it would tell systemd."""
+
+    def __init__(self, watchdog_interval: float | None = None) -> None:
+        super().__init__(environ={})
+        self.watchdog_interval = watchdog_interval
+        self.sent: list[dict[str, str | int]] = []
+        self.closed = 0
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def notify(self, **fields: str | int) -> None:
+        self.sent.append(fields)
+
+    def close(self) -> None:
+        self.closed += 1

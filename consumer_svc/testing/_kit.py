@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union, cast
+from typing import Any, Union
 
 from pika.exceptions import NackError, UnroutableError
 from pika.spec import BasicProperties
@@ -200,17 +200,13 @@ class _RecordingPolicy(RetryPolicy):
         return decision
 
 
-class _NotingInvoker:
+class _NotingInvoker(Invoker):
     """The real `Invoker`, noting whether the handler gave a Deferred (or a coroutine)."""
 
-    def __init__(self, invoker: Invoker) -> None:
-        self.invoker = invoker
-        self.name = invoker.name
-        self.blocking = invoker.blocking
-        self.deferred = False
+    deferred = False
 
     def __call__(self, message: Message) -> Any:
-        result = self.invoker(message)
+        result = super().__call__(message)
         self.deferred = not self.blocking and isinstance(result, Deferred)
         return result
 
@@ -250,7 +246,6 @@ class Runner:
         self.confirm = confirm
         self.clock = clock or Clock()
         self.pool = SynchronousThreadPool()
-        self._invoker = Invoker(handler, ImmediateReactor(), cast(Any, self.pool))
         self._tracing: Any = None
         if tracer_provider is not None:
             from .._tracing import Tracing
@@ -281,8 +276,8 @@ class _Run:
         self.delivery: Delivery | None = None
         self.lost: list[str] = []
         self.policy = _RecordingPolicy(runner.settings.max_retries, runner.settings.retry_delay)
-        self.invoke = _NotingInvoker(runner._invoker)
-        self.consumer = Consumer(runner.settings, cast(Invoker, self.invoke), self.clock)
+        self.invoke = _NotingInvoker(runner.handler, ImmediateReactor(), runner.pool)
+        self.consumer = Consumer(runner.settings, self.invoke, self.clock)
         self.consumer.machine.subscribe(self._note_loss)
         self.consumer.policy = self.policy
         self.consumer.on_outcome = self.outcomes.append

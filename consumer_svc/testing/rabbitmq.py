@@ -2,7 +2,7 @@
 
 Public: handler authors get it through the pytest plugin (`consumer_svc.testing.pytest_plugin`,
 fixtures ``rabbitmq_node``, ``rabbitmq_url`` and ``rabbitmq_factory``) or use
-:class:`RabbitNode` directly; the project's own tests import it through ``tests/rabbitmq.py``.
+:class:`RabbitNode` directly; the project's own tests build on the plugin (tests/conftest.py).
 
 A :class:`RabbitNode` runs the real ``rabbitmq-server`` script (not Debian's wrapper, which
 switches to the ``rabbitmq`` user) as the current user, with its own Erlang cookie, its own
@@ -31,8 +31,6 @@ Only the standard library is imported, so importing this module never installs a
 Run as a script it serves a node in the foreground for ``make run``::
 
     python -m consumer_svc.testing.rabbitmq serve --port 5672 --dir .tmp/local-broker
-
-(``python tests/rabbitmq.py serve ...`` in a checkout does the same).
 """
 
 from __future__ import annotations
@@ -201,7 +199,7 @@ def _free_port_block(count: int) -> int:
 
 
 #: Where 4.0 nodes look for their Debian 13 root when ``$RABBITMQ4_ROOT`` is not set
-#: (relative paths from the current directory); ``tests/rabbitmq.py`` points it at the checkout.
+#: (relative paths from the current directory); tests/conftest.py points it at the checkout.
 DEFAULT_RABBITMQ4_ROOT = Path(".tmp", "debian13-root")
 
 
