@@ -362,20 +362,39 @@ def _pids_with_marker(prefix: str) -> list[int]:
     return pids
 
 
-def _kill_marked(prefix: str, wait: float = 5.0) -> list[int]:
-    """SIGKILL every process marked with ``prefix`` until none is left; return those killed."""
+def _running(pid: int) -> bool:
+    """True until ``pid`` has ended: gone, or a zombie waiting to be reaped.
+
+    A process in the middle of exiting has already dropped its memory, so its environment
+    reads empty and ``_pids_with_marker`` no longer sees it, yet it may still hold its
+    sockets for a while; this looks at its state instead.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_marked(prefix: str, wait: float = 10.0) -> list[int]:
+    """SIGKILL every process marked with ``prefix`` until none is left; return those killed.
+
+    Returns only once each of them has ended, not merely stopped showing its marker.
+    """
     killed: list[int] = []
     deadline = _Deadline(wait)
     while True:
         pids = _pids_with_marker(prefix)
-        if not pids:
+        exiting = [pid for pid in killed if pid not in pids and _running(pid)]
+        if not pids and not exiting:
             return killed
         if deadline.expired:
-            raise RabbitNodeError(f"processes {pids} ({prefix}) survived SIGKILL")
+            raise RabbitNodeError(f"processes {pids or exiting} ({prefix}) survived SIGKILL")
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            if pid not in killed:
+                killed.append(pid)
         time.sleep(0.05)
 
 

@@ -28,6 +28,7 @@ from consumer_svc.testing.rabbitmq import (
     RabbitNodeError,
     _pids_with_marker,
     _port_is_free,
+    _running,
     rabbitmq4_root,
 )
 
@@ -37,15 +38,6 @@ BOTH = pytest.mark.brokers("3.10", "4.0")
 # A three-node cluster starts in ~15 s on a quiet 2-core machine but took up to 55 s under
 # load; its tests keep their own deadlines, so only the run-ending safety net is raised.
 CLUSTER_TIME = pytest.mark.timeout(300)
-
-
-def _alive(pid: int) -> bool:
-    """True for a live process; a zombie waiting to be reaped counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _mounts_under(path: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
@@ -204,7 +196,7 @@ def test_after_stop_nothing_of_the_node_remains(rabbit_factory: RabbitFactory) -
     assert len(pids) >= 4  # epmd, the script, beam.smp, erl_child_setup at least
     node.stop()
     assert node.leftover_pids() == []
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if _running(p)] == []
     assert all(_port_is_free(p) for p in (node.amqp_port, node.dist_port, node.epmd_port))
     node.stop()
     with pytest.raises(RabbitNodeError):
@@ -237,7 +229,7 @@ def test_a_4_0_node_runs_chrooted_with_private_mounts(rabbit_factory: RabbitFact
     _nothing_mounted_in_the_root()
     node.stop()
     assert node.leftover_pids() == []
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if _running(p)] == []
     _nothing_mounted_in_the_root()
     assert not (root / node.base_dir.relative_to("/")).exists()  # its mount point went too
 
@@ -285,8 +277,12 @@ def test_a_sigkilled_owner_leaves_no_4_0_process_or_mount(tmp_path: Path) -> Non
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=10)
-    poll_until(lambda: _pids_with_marker(f"{tag}:") == [], 30, message="the watchdog's cleanup")
-    assert [p for p in pids if _alive(p)] == []
+    # The watchdog has ended them all once none shows the marker and none is still exiting.
+    poll_until(
+        lambda: _pids_with_marker(f"{tag}:") == [] and not any(_running(p) for p in pids),
+        30,
+        message="the watchdog's cleanup",
+    )
     _nothing_mounted_in_the_root()
     # Nobody was left to remove the empty mount point in the root; do it for the next run.
     RabbitNode(tmp_path / "node", version="4.0")._install.forget_binds([tmp_path / "node"])
@@ -358,7 +354,7 @@ def test_a_rolling_restart_keeps_the_cluster_and_its_messages(
     assert len(pids) >= 3 * 4 + 1  # each node's script, VM and helpers, and the shared epmd
     cluster.stop()
     assert cluster.leftover_pids() == []
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if _running(p)] == []
     assert all(_port_is_free(n.amqp_port) for n in cluster)
     assert _port_is_free(cluster[0].epmd_port)
     _nothing_mounted_in_the_root()
