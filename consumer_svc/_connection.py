@@ -2,7 +2,8 @@
 
 A handshake timeout, a teardown that cannot hang on a peer that stopped
 reading, acks flushed at the end of each read (`soon`), and the real cause of
-every lost connection (`_causes`), told to a `ConnectionListener`. This module
+every lost connection (`_causes`), told to a `ConnectionListener`; frames
+are cut out of each read by `_frames.FrameReader`. This module
 and `_reconnect` are the ones that touch pika's Twisted adapter (importing it
 installs the default reactor, so only `makeService` imports them). Importing
 it also installs our field-table codec into pika (`_codec`).
@@ -17,11 +18,12 @@ import pika
 from pika import exceptions as pika_errors
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.internet import error as net_errors
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.python.failure import Failure
 
-from . import _codec
+from . import _codec, _frames
 from ._causes import Cause, HandshakeTimeout, classify
 from ._channel import Channel
 from ._url import BrokerURL
@@ -90,6 +92,7 @@ class AMQPConnection(TwistedProtocolConnection):
 
         impl._terminate_stream = terminate_stream
         impl._adapter_disconnect_stream = self._disconnect_stream
+        impl._on_data_available = _frames.FrameReader(impl)
         impl.add_on_connection_blocked_callback(self._on_blocked)
         impl.add_on_connection_unblocked_callback(self._on_unblocked)
 
@@ -100,6 +103,10 @@ class AMQPConnection(TwistedProtocolConnection):
         # writes that must not wait for the broker's TCP acknowledgement.
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        if isinstance(self.transport, FileDescriptor):
+            # Plain TCP only: under TLS our transport is the TLS layer, which reads the
+            # socket itself and hands on what it decrypted in pieces of up to 32 KiB.
+            self.transport.bufferSize = _frames.READ_SIZE
         self._timer = self._clock.callLater(self._handshake_timeout, self._handshake_expired)
 
     def connectionReady(self) -> AMQPConnection:

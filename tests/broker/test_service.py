@@ -30,6 +30,7 @@ from twisted.internet.threads import deferToThread
 
 import consumer_svc
 from consumer_svc import ExitStatus, Message
+from consumer_svc._frames import READ_SIZE, FrameReader
 from consumer_svc._states import State
 from consumer_svc._url import parse_url
 from consumer_svc.testing.rabbitmq import RabbitNode
@@ -56,6 +57,29 @@ async def test_every_message_is_handled_and_acked(
     connection = run.service._connection
     assert connection is not None
     assert connection.transport.getTcpNoDelay()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bodies_of_every_size_arrive_intact(
+    rabbit: RabbitNode, queue_name: str, services: Any
+) -> None:
+    """Bodies that span socket reads and frames (frame_max 128 KiB) arrive byte for byte."""
+    handler = Recorder()
+    run = services(settings_for(rabbit.url(), queue_name), handler)
+    await run.consuming()
+    sizes = [0, 1, 100, 65_536, 65_536 + 17, 131_072, 262_144 + 3, 1_000_003] * 3
+    bodies = [bytes([i % 251]) * 7 + bytes(range(256)) * (size // 256) + b"e" * (size % 256)
+              for i, size in enumerate(sizes)]  # fmt: skip
+    await send(rabbit, queue_name, bodies)
+    await eventually(
+        lambda: len(handler.bodies) == len(bodies), timeout=30, what="every body handled"
+    )
+    await queue_settles(rabbit, queue_name)
+    assert handler.count() == Counter(bodies)
+    connection = run.service._connection
+    assert connection is not None
+    assert isinstance(connection._impl._on_data_available, FrameReader)
+    assert connection.transport.bufferSize == READ_SIZE
 
 
 @pytest_twisted.ensureDeferred

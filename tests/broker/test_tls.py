@@ -36,6 +36,20 @@ async def test_amqps_with_a_verified_broker_certificate(
 
 
 @pytest_twisted.ensureDeferred
+async def test_bodies_larger_than_a_tls_record_arrive_intact(
+    tls_broker: TLSBroker, queue_name: str, services: Callable[..., Any]
+) -> None:
+    """Bodies decrypted in pieces of 32 KiB, across frames and reads, arrive byte for byte."""
+    handler = Recorder()
+    run = services(tls_settings(tls_broker, queue_name, tls_broker.url()), handler)
+    await run.consuming()
+    bodies = [bytes([n]) * size for n, size in enumerate([1, 40_000, 65_536, 300_001, 3])]
+    await send(tls_broker.node, queue_name, bodies)
+    await eventually(lambda: len(handler.bodies) == len(bodies), timeout=20, what="every body")
+    assert sorted(handler.bodies) == sorted(bodies)
+
+
+@pytest_twisted.ensureDeferred
 async def test_mutual_tls_with_external_authentication(
     tls_broker: TLSBroker, queue_name: str, services: Callable[..., Any]
 ) -> None:
