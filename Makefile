@@ -23,9 +23,9 @@ lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests too, with the same settings (pyproject.toml [tool.mypy]).
+# The tests and the benchmark too, with the same settings (pyproject.toml [tool.mypy]).
 typecheck: bootstrap
-	$(BIN)/mypy consumer_svc tests
+	$(BIN)/mypy consumer_svc tests benchmarks
 
 format: bootstrap
 	$(BIN)/ruff check --fix .

@@ -41,7 +41,7 @@ setup(
         # mypy-zope: Twisted's interfaces are zope.interface ones, which plain mypy cannot check.
         "dev": ["ruff>=0.6", "mypy>=1.11", "mypy-zope>=1.0"],
         # The benchmark's peers: never runtime dependencies.
-        "bench": ["aio-pika>=9", "kombu>=5.3", "psutil>=5"],
+        "bench": ["aio-pika>=9", "kombu>=5.3", "psutil>=5", "matplotlib>=3.7"],
     },
     entry_points={
         # pytest loads this in any environment with consumer_svc installed: throwaway

@@ -67,3 +67,30 @@ def test_the_unit_fits_a_broker_down_at_boot_and_says_how_to_install() -> None:
     assert "pip install consumer_svc" not in text
     assert "/opt/consumer_svc/bin/pip install /path/to/consumer_svc /path/to/myapp" in text
     assert "CONSUMER_HANDLER=" in text
+
+
+#: README's "Scaling out": a copy of the template for one queue, its instances numbered.
+REPLICAS = "sed 's/%i/task_queue/g' /etc/systemd/system/consumer@.service"
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+def test_the_copy_for_several_instances_of_one_queue_verifies(tmp_path: Path) -> None:
+    """README's copy of the unit for one queue consumes that queue from each numbered
+    instance, with that queue's secrets, and systemd-analyze accepts it."""
+    readme = (CHECKOUT / "README.md").read_text()
+    assert f"{REPLICAS} \\\n    > /etc/systemd/system/consumer-task_queue@.service" in readme
+    twistd = Path(sys.executable).with_name("twistd")
+    copy = UNIT.read_text().replace("%i", "task_queue")  # what the sed line does
+    lines = copy.splitlines()
+    [exec_start] = [line for line in lines if line.startswith("ExecStart=")]
+    assert " consumer --queue task_queue " in exec_start
+    assert "EnvironmentFile=-/etc/consumer_svc/task_queue.env" in lines
+    unit = tmp_path / "consumer-task_queue@2.service"
+    unit.write_text(copy.replace("/opt/consumer_svc/bin/twistd", str(twistd)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
